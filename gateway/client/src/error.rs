@@ -1,0 +1,144 @@
+//! The client's one error type and the retry classification.
+
+use std::io;
+
+use podfs_protocol::ContentHash;
+use podfs_protocol::blob::BlobError;
+use reqwest::StatusCode;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything a gateway call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The gateway (or an object store behind a presigned URL) answered with an error status.
+    /// `code` and `message` come from the `ErrorBody`; for non-JSON answers `code` is derived from
+    /// the status and `message` is the start of the body.
+    #[error("{message} (HTTP {}, {code})", status.as_u16())]
+    Api { status: StatusCode, code: String, message: String },
+    /// The request did not complete: connection refused or reset, timeout, broken body.
+    #[error("request failed")]
+    Transport(#[source] reqwest::Error),
+    /// A success response whose body is not what the API promises.
+    #[error("unexpected response from {url}: {message}")]
+    Decode { url: String, message: String },
+    /// A downloaded blob failed verification (header, length or BLAKE3 hash).
+    #[error("blob {hash} failed verification")]
+    Corrupt {
+        hash: ContentHash,
+        #[source]
+        source: BlobError,
+    },
+    /// A presigned URL was refused (403): it expired. Fetch fresh locations and try again.
+    #[error("presigned URL for blob {hash} expired or was refused; fetch fresh locations")]
+    LocationExpired { hash: ContentHash },
+    /// A base URL or a location URL that cannot be used.
+    #[error("invalid URL {url:?}: {message}")]
+    InvalidUrl { url: String, message: String },
+    /// A local file could not be read or written (uploads from disk, downloads to a writer).
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl Error {
+    /// True when the same request may succeed if sent again: network failures, timeouts, 408,
+    /// 429 and 5xx answers (except 501 and 505), and corrupt downloads (a damaged transfer).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Transport(e) => !(e.is_builder() || e.is_redirect()),
+            Error::Api { status, .. } => {
+                matches!(status.as_u16(), 408 | 429)
+                    || (status.is_server_error()
+                        && *status != StatusCode::NOT_IMPLEMENTED
+                        && *status != StatusCode::HTTP_VERSION_NOT_SUPPORTED)
+            }
+            Error::Corrupt { .. } => true,
+            Error::Decode { .. } | Error::LocationExpired { .. } | Error::InvalidUrl { .. } | Error::Io(_) => false,
+        }
+    }
+
+    /// True when the request surely never reached the server (safe to resend even when it is
+    /// not idempotent).
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Error::Transport(e) if e.is_connect())
+    }
+
+    /// The HTTP status of an `Api` error.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            Error::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The `ErrorBody` code of an `Api` error (`not_found`, `conflict`, `missing_blobs`, ...).
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Error::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(StatusCode::NOT_FOUND)
+    }
+
+    pub fn is_conflict(&self) -> bool {
+        self.status() == Some(StatusCode::CONFLICT)
+    }
+
+    /// Turns a blob decoding failure into `Corrupt`, or into `Transport`/`Io` when the failure
+    /// was reading the network or writing the output.
+    pub(crate) fn from_blob(hash: ContentHash, e: BlobError) -> Self {
+        match e {
+            BlobError::Io(io) => {
+                if io.get_ref().is_some_and(|inner| inner.is::<reqwest::Error>()) {
+                    match io.into_inner().map(|inner| inner.downcast::<reqwest::Error>()) {
+                        Some(Ok(re)) => Error::Transport(*re),
+                        Some(Err(other)) => Error::Io(io::Error::other(other)),
+                        None => Error::Io(io::Error::other("unknown I/O error")),
+                    }
+                } else {
+                    Error::Io(io)
+                }
+            }
+            other => Error::Corrupt { hash, source: other },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(status: u16) -> Error {
+        Error::Api {
+            status: StatusCode::from_u16(status).expect("status"),
+            code: "x".into(),
+            message: "y".into(),
+        }
+    }
+
+    #[test]
+    fn retry_classification() {
+        for s in [408, 429, 500, 502, 503, 504] {
+            assert!(api(s).is_retryable(), "{s}");
+        }
+        for s in [400, 401, 403, 404, 409, 413, 501, 505] {
+            assert!(!api(s).is_retryable(), "{s}");
+        }
+        let h = ContentHash::of(b"x");
+        assert!(Error::Corrupt { hash: h, source: BlobError::BadHeader }.is_retryable());
+        assert!(!Error::LocationExpired { hash: h }.is_retryable());
+        assert!(api(404).is_not_found());
+        assert!(api(409).is_conflict());
+        assert_eq!(api(409).code(), Some("x"));
+    }
+
+    #[test]
+    fn blob_errors_are_mapped() {
+        let h = ContentHash::of(b"x");
+        assert!(matches!(Error::from_blob(h, BlobError::BadHeader), Error::Corrupt { .. }));
+        assert!(matches!(Error::from_blob(h, BlobError::Io(io::Error::other("disk full"))), Error::Io(_)));
+    }
+}

@@ -1,0 +1,115 @@
+//! Blobs: which are missing, upload, where to download, download.
+//!
+//! Uploads stream through the gateway, which hashes them on the way and stores them only when
+//! the content matches the name (see ARCHITECTURE.md, "Who moves the bytes"). Downloads go
+//! straight to S3 through presigned URLs when the store has them; the gateway serves them
+//! otherwise. Downloads are scoped: a workspace token only gets content its workspace references.
+
+use std::collections::HashSet;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use podfs_protocol::ContentHash;
+use podfs_protocol::api::{
+    BLOB_CONTENT_TYPE, BlobLocation, BlobLocations, BlobUploaded, ErrorBody, HashBatch, MAX_HASH_BATCH, MissingBlobs, Right,
+};
+
+use super::auth::Caller;
+use super::json::ApiJson;
+use crate::error::{Error, Result};
+use crate::server::AppState;
+
+fn parse_hash(s: &str) -> Result<ContentHash> {
+    s.parse().map_err(|e: podfs_protocol::hash::HashParseError| Error::BadRequest(e.to_string()))
+}
+
+fn check_batch(batch: &HashBatch) -> Result<()> {
+    if batch.hashes.len() > MAX_HASH_BATCH {
+        return Err(Error::TooLarge(format!("{} hashes in one batch; the limit is {MAX_HASH_BATCH}", batch.hashes.len())));
+    }
+    Ok(())
+}
+
+/// Which of these hashes the gateway does not hold (so the client uploads only those).
+#[utoipa::path(post, path = "/v1/workspaces/{workspace}/blobs/missing", tag = "blobs",
+    params(("workspace" = String, Path)), request_body = HashBatch,
+    responses((status = 200, body = MissingBlobs), (status = 413, body = ErrorBody)))]
+pub async fn missing(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiJson(batch): ApiJson<HashBatch>,
+) -> Result<Json<MissingBlobs>> {
+    caller.workspace(&state, &name, Right::Write).await?;
+    check_batch(&batch)?;
+    Ok(Json(MissingBlobs { missing: state.meta.missing_blobs(&batch.hashes).await? }))
+}
+
+/// Upload the raw content of a blob named by its BLAKE3 hash. Refused (400 `hash_mismatch`)
+/// when the bytes do not hash to the name; nothing is stored then.
+#[utoipa::path(put, path = "/v1/workspaces/{workspace}/blobs/{hash}", tag = "blobs",
+    params(("workspace" = String, Path), ("hash" = String, Path, description = "BLAKE3 of the content")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = BlobUploaded), (status = 200, description = "already stored", body = BlobUploaded),
+        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody)))]
+pub async fn upload(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, hash)): Path<(String, String)>,
+    body: Body,
+) -> Result<(StatusCode, Json<BlobUploaded>)> {
+    caller.workspace(&state, &name, Right::Write).await?;
+    let hash = parse_hash(&hash)?;
+    let uploaded = state.blobs.ingest(hash, body.into_data_stream()).await?;
+    let status = if uploaded.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(uploaded)))
+}
+
+/// Where to download each blob: presigned S3 URLs (fetch without the token), or gateway paths.
+/// Only hashes the workspace references are answered.
+#[utoipa::path(post, path = "/v1/workspaces/{workspace}/blobs/locations", tag = "blobs",
+    params(("workspace" = String, Path)), request_body = HashBatch,
+    responses((status = 200, body = BlobLocations), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody)))]
+pub async fn locations(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiJson(batch): ApiJson<HashBatch>,
+) -> Result<Json<BlobLocations>> {
+    let ws = caller.workspace(&state, &name, Right::Read).await?;
+    check_batch(&batch)?;
+    let known = state.meta.referenced_by(ws.id, &batch.hashes).await?;
+    if let Some(h) = batch.hashes.iter().find(|h| !known.contains(h)) {
+        return Err(Error::NotFound(format!("blob {h} is not part of workspace {name}")));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(batch.hashes.len());
+    for h in batch.hashes.iter().filter(|h| seen.insert(**h)) {
+        out.push(match state.blobs.presigned(h).await? {
+            Some(url) => BlobLocation { hash: *h, url, gateway: false },
+            None => BlobLocation { hash: *h, url: format!("/v1/workspaces/{name}/blobs/{h}"), gateway: true },
+        });
+    }
+    Ok(Json(BlobLocations { expires_in_secs: state.blobs.presign_ttl().as_secs(), locations: out }))
+}
+
+/// Download a stored blob as stored (header + raw or zstd payload); verify it before use.
+#[utoipa::path(get, path = "/v1/workspaces/{workspace}/blobs/{hash}", tag = "blobs",
+    params(("workspace" = String, Path), ("hash" = String, Path)),
+    responses((status = 200, content_type = "application/vnd.podfs.blob"), (status = 404, body = ErrorBody)))]
+pub async fn download(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, hash)): Path<(String, String)>,
+) -> Result<Response> {
+    let ws = caller.workspace(&state, &name, Right::Read).await?;
+    let hash = parse_hash(&hash)?;
+    if !state.meta.referenced_by(ws.id, &[hash]).await?.contains(&hash) {
+        return Err(Error::NotFound(format!("blob {hash} is not part of workspace {name}")));
+    }
+    let stream = state.blobs.stored(&hash).await?;
+    Ok(([(header::CONTENT_TYPE, BLOB_CONTENT_TYPE)], Body::from_stream(stream)).into_response())
+}

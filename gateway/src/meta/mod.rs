@@ -1,0 +1,227 @@
+//! The metadata store: workspaces, versions, path intervals, verified blobs and bearer tokens,
+//! kept in PostgreSQL (production) or SQLite (embedded default) through one sqlx `Any` code
+//! path.
+//!
+//! What it does: connects and runs the migrations of `migrations/postgres` or
+//! `migrations/sqlite` (chosen by URL scheme); commits a version as one transaction that
+//! compare-and-sets the workspace head and enforces the closed-tree rules (`commit.rs`); reads
+//! the tree, a directory, a diff or a path's history as of any version (`tree.rs`); records
+//! verified blobs (`blobs.rs`); creates and looks up tokens (`tokens.rs`).
+//!
+//! What it does not do: validate workspace names or path syntax (callers hold `WsPath` and
+//! check names with `valid_workspace_name`), move or verify blob bytes (the blob store does),
+//! map errors to HTTP statuses (the API's error module does), cache, or log errors (they are
+//! returned to the caller, which handles them).
+//!
+//! Every statement is portable: `$N` placeholders, integers bound and read as `i64`, hashes as
+//! 32-byte blobs, times as unix milliseconds, no booleans, no arrays, no database-specific
+//! locking. Multi-row statements are cut into chunks of 500 rows to stay far below the
+//! bind-parameter limits (SQLite 32766, PostgreSQL 65535).
+
+mod blobs;
+mod commit;
+mod sql;
+mod tokens;
+mod tree;
+mod workspaces;
+
+use std::sync::Once;
+use std::time::Duration;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::{AnyPool, Executor};
+
+pub use podfs_protocol::api::{DiffEntry, DiffKind, PathRevision, Right, VersionInfo, Workspace};
+pub use podfs_protocol::{Change, ContentHash, Entry, VersionRef, WsPath};
+
+/// `until_version` of an entry row that is still current (i64::MAX).
+pub const LIVE: i64 = i64::MAX;
+
+/// Most connections a PostgreSQL pool opens.
+const PG_MAX_CONNECTIONS: u32 = 16;
+/// Most connections a SQLite pool opens (readers run in parallel under WAL; writers queue).
+const SQLITE_MAX_CONNECTIONS: u32 = 8;
+/// How long a query waits for a free connection before the store reports `Unavailable`.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a SQLite statement waits for another connection's write lock.
+const SQLITE_BUSY_TIMEOUT_MS: u32 = 10_000;
+
+static PG_MIGRATOR: Migrator = sqlx::migrate!("../migrations/postgres");
+static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("../migrations/sqlite");
+static INSTALL_DRIVERS: Once = Once::new();
+
+/// Everything the metadata store can fail with. Each variant carries a message for humans.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    /// Unknown workspace, version or path.
+    #[error("{0}")]
+    NotFound(String),
+    /// Workspace name taken; commit parent no longer the head (the message names the head).
+    #[error("{0}")]
+    Conflict(String),
+    /// A request that breaks the rules: empty commit, duplicate path, tree-rule violation, ...
+    #[error("{0}")]
+    Invalid(String),
+    /// The commit references blobs that are not stored (in the order of the commit).
+    #[error("commit references {} blob(s) the gateway does not hold: {}", .0.len(), sql::hash_list(.0))]
+    MissingBlobs(Vec<ContentHash>),
+    /// The database is unreachable, overloaded or timed out: worth retrying later.
+    #[error("metadata database unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else: a bug, a schema mismatch, data the store cannot read back.
+    #[error("metadata store error: {0}")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for MetaError {
+    fn from(e: sqlx::Error) -> Self {
+        if sql::is_transient(&e) {
+            MetaError::Unavailable(e.to_string())
+        } else {
+            MetaError::Internal(e.to_string())
+        }
+    }
+}
+
+impl From<MigrateError> for MetaError {
+    fn from(e: MigrateError) -> Self {
+        match e {
+            MigrateError::Execute(e) => e.into(),
+            e => MetaError::Internal(format!("migration failed: {e}")),
+        }
+    }
+}
+
+/// A workspace and its database id (the id is what the per-workspace methods take).
+#[derive(Debug, Clone)]
+pub struct WorkspaceRow {
+    pub id: i64,
+    pub info: Workspace,
+}
+
+/// What a bearer token grants.
+#[derive(Debug, Clone)]
+pub struct TokenRow {
+    pub workspace_id: i64,
+    pub workspace: String,
+    pub right: Right,
+}
+
+/// One commit request, validated at the type level (`WsPath`, `Entry`) by the caller.
+#[derive(Debug, Clone)]
+pub struct CommitInput {
+    /// Must be the current head (0 for an empty workspace).
+    pub parent_version: u64,
+    pub message: String,
+    pub author: String,
+    pub changes: Vec<Change>,
+}
+
+/// Handle on the metadata database. Cheap to clone (it is a connection pool).
+#[derive(Debug, Clone)]
+pub struct MetaStore {
+    pool: AnyPool,
+    postgres: bool,
+}
+
+impl MetaStore {
+    /// Connects to `postgres://...`, `postgresql://...` or `sqlite://...` and brings the schema
+    /// up to date. A SQLite file is created if missing (`mode=rwc` unless the URL sets a mode)
+    /// and runs in WAL mode with `synchronous=NORMAL` and a 10 s busy timeout. `sqlite::memory:`
+    /// works too, on a single connection.
+    pub async fn connect(url: &str) -> Result<Self, MetaError> {
+        INSTALL_DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let postgres = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            true
+        } else if url.starts_with("sqlite:") {
+            false
+        } else {
+            let scheme = url.split(':').next().unwrap_or_default();
+            return Err(MetaError::Invalid(format!(
+                "unsupported metadata database URL scheme {scheme:?}: expected postgres://, postgresql:// or sqlite://"
+            )));
+        };
+        let store = if postgres {
+            let pool = AnyPoolOptions::new()
+                .max_connections(PG_MAX_CONNECTIONS)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect(url)
+                .await
+                .map_err(connect_error)?;
+            PG_MIGRATOR.run(&pool).await?;
+            MetaStore { pool, postgres }
+        } else {
+            let memory = url.contains(":memory:") || url.contains("mode=memory");
+            let url = if memory || url.contains("mode=") {
+                url.to_string()
+            } else if url.contains('?') {
+                format!("{url}&mode=rwc")
+            } else {
+                format!("{url}?mode=rwc")
+            };
+            let mut pool_options = AnyPoolOptions::new()
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        conn.execute(sqlx::AssertSqlSafe(format!(
+                            "PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}"
+                        )))
+                        .await?;
+                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                        Ok(())
+                    })
+                });
+            pool_options = if memory {
+                // Every connection to `:memory:` is its own database: keep exactly one, forever.
+                pool_options
+                    .max_connections(1)
+                    .min_connections(1)
+                    .idle_timeout(None)
+                    .max_lifetime(None)
+            } else {
+                pool_options.max_connections(SQLITE_MAX_CONNECTIONS)
+            };
+            let pool = pool_options.connect(&url).await.map_err(connect_error)?;
+            if !memory {
+                // Persistent in the file: once is enough, and it must precede the first write.
+                pool.execute("PRAGMA journal_mode = WAL").await?;
+            }
+            SQLITE_MIGRATOR.run(&pool).await?;
+            MetaStore { pool, postgres }
+        };
+        Ok(store)
+    }
+
+    /// True when the store runs on PostgreSQL, false on SQLite.
+    pub fn is_postgres(&self) -> bool {
+        self.postgres
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<(), MetaError> {
+        self.pool.execute("SELECT 1").await?;
+        Ok(())
+    }
+
+    /// Interval rows stored for a workspace across all its versions: a storage statistic (it
+    /// grows by the number of changed paths per commit, whatever the tree size).
+    pub async fn entry_rows(&self, ws_id: i64) -> Result<u64, MetaError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM entries WHERE workspace_id = $1")
+            .bind(ws_id)
+            .fetch_one(&self.pool)
+            .await?;
+        sql::to_u64(n, "row count")
+    }
+}
+
+/// Connection-time errors: a malformed URL is a configuration problem, the rest as usual.
+fn connect_error(e: sqlx::Error) -> MetaError {
+    match e {
+        sqlx::Error::Configuration(e) => {
+            MetaError::Invalid(format!("bad metadata database URL: {e}"))
+        }
+        e => e.into(),
+    }
+}

@@ -1,0 +1,287 @@
+//! REST v1 request and response bodies. The routes themselves are documented by the gateway's
+//! OpenAPI document (`/v1/openapi.json`, committed as `docs/openapi.json`).
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::{Change, ContentHash, Entry};
+
+/// Most hashes accepted in one batch request (missing, locations).
+pub const MAX_HASH_BATCH: usize = 10_000;
+/// Longest workspace name.
+pub const MAX_WORKSPACE_NAME: usize = 128;
+/// Response header naming the entry kind on single-file GETs (`file` or `symlink`).
+pub const KIND_HEADER: &str = "x-podfs-kind";
+/// Response header carrying the resolved version number on single-file GETs.
+pub const VERSION_HEADER: &str = "x-podfs-version";
+/// Content type of a stored blob (the `blob` module's format) when downloaded as is.
+pub const BLOB_CONTENT_TYPE: &str = "application/vnd.podfs.blob";
+
+/// Every error response: `{"code": "...", "message": "..."}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Stable machine-readable code: bad_request, unauthorized, forbidden, not_found, conflict,
+    /// payload_too_large, corrupt, unavailable, internal.
+    pub code: String,
+    /// Human-readable explanation naming the problem.
+    pub message: String,
+}
+
+/// True when `name` is an acceptable workspace name: 1-128 of `[A-Za-z0-9._-]`, not starting with `.`.
+pub fn valid_workspace_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_WORKSPACE_NAME
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateWorkspace {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Workspace {
+    pub name: String,
+    /// RFC 3339 time of creation.
+    pub created_at: String,
+    /// Newest version number; 0 while the workspace has no version.
+    pub head: u64,
+    /// Files and symlinks in the head version.
+    pub file_count: u64,
+    /// Bytes of content in the head version.
+    pub total_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WorkspaceList {
+    pub workspaces: Vec<Workspace>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Right {
+    Read,
+    Write,
+    Admin,
+}
+
+impl Right {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Right::Read => "read",
+            Right::Write => "write",
+            Right::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "read" => Some(Right::Read),
+            "write" => Some(Right::Write),
+            "admin" => Some(Right::Admin),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateToken {
+    /// `read` or `write` (a workspace token cannot be `admin`).
+    pub right: Right,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenCreated {
+    /// The bearer token. Shown once: the gateway keeps only its hash.
+    pub token: String,
+    pub workspace: String,
+    pub right: Right,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VersionInfo {
+    pub workspace: String,
+    pub version: u64,
+    /// The version this one was committed on; absent for version 1.
+    pub parent: Option<u64>,
+    /// RFC 3339 time of the commit.
+    pub created_at: String,
+    pub message: String,
+    pub author: String,
+    /// Files and symlinks in this version.
+    pub file_count: u64,
+    /// Bytes of content in this version.
+    pub total_bytes: u64,
+    /// Paths this version changed relative to its parent.
+    pub changes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VersionList {
+    pub versions: Vec<VersionInfo>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+pub struct VersionListQuery {
+    /// Most versions to return, newest first (default 100, at most 1000).
+    pub limit: Option<u32>,
+    /// Only versions older than this number.
+    pub before: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CommitRequest {
+    /// The version the changes apply to: must be the current head (0 for an empty workspace),
+    /// otherwise the commit is refused with 409.
+    pub parent_version: u64,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub author: Option<String>,
+    #[schema(value_type = Vec<crate::tree::ChangeWire>)]
+    pub changes: Vec<Change>,
+}
+
+/// The whole tree of a version (Phase 1 manifest), entries sorted by path.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Manifest {
+    pub workspace: String,
+    pub version: u64,
+    pub entries: Vec<Entry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DirListing {
+    pub workspace: String,
+    pub version: u64,
+    /// The directory listed, `""` for the top.
+    pub path: String,
+    pub entries: Vec<Entry>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+pub struct DirQuery {
+    /// Directory to list; the top of the tree when absent.
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, IntoParams)]
+pub struct DiffQuery {
+    /// Older version (number or `head`).
+    pub from: String,
+    /// Newer version (number or `head`).
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiffKind {
+    Added,
+    Modified,
+    Deleted,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DiffEntry {
+    pub path: String,
+    pub change: DiffKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<Entry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new: Option<Entry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Diff {
+    pub workspace: String,
+    pub from: u64,
+    pub to: u64,
+    /// Sorted by path.
+    pub changes: Vec<DiffEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, IntoParams)]
+pub struct HistoryQuery {
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PathRevision {
+    /// First version holding this content.
+    pub from_version: u64,
+    /// First version no longer holding it; absent while it is current.
+    pub until_version: Option<u64>,
+    pub entry: Entry,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PathHistory {
+    pub workspace: String,
+    pub path: String,
+    /// Oldest first.
+    pub revisions: Vec<PathRevision>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HashBatch {
+    pub hashes: Vec<ContentHash>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MissingBlobs {
+    /// The hashes of the batch the gateway does not hold, in request order.
+    pub missing: Vec<ContentHash>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BlobUploaded {
+    pub hash: ContentHash,
+    /// Content length.
+    pub size: u64,
+    /// Bytes the blob takes in the store (after compression).
+    pub stored_size: u64,
+    /// False when the content was already stored (deduplicated).
+    pub created: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BlobLocation {
+    pub hash: ContentHash,
+    /// Where to GET the stored blob (format of the `blob` module, verify before use).
+    /// A presigned object-store URL, or a gateway path starting with `/` when `gateway` is true.
+    pub url: String,
+    /// True when the URL is the gateway's own: send the bearer token with it. Presigned URLs
+    /// carry their own short-lived authorization and must be fetched without the token.
+    pub gateway: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BlobLocations {
+    /// Seconds the presigned URLs stay valid.
+    pub expires_in_secs: u64,
+    pub locations: Vec<BlobLocation>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workspace_names() {
+        for ok in ["demo", "a", "my-ws_1.2"] {
+            assert!(valid_workspace_name(ok), "{ok}");
+        }
+        for bad in ["", ".hidden", "a/b", "a b", "ü", &"x".repeat(129)] {
+            assert!(!valid_workspace_name(bad), "{bad}");
+        }
+    }
+}

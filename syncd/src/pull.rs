@@ -1,0 +1,367 @@
+//! `podfs pull WORKSPACE[@VERSION] DIR`: materialize a version into a new or empty directory.
+//!
+//! Steps: GET the manifest and validate it (sorted, no duplicates, closed tree) before touching
+//! the disk; create the directories; fetch blob locations in batches of 10,000, lazily; download
+//! each distinct blob once, 64 at a time, verify it, write every path holding it atomically;
+//! give directories their modes last. Every write goes through a `cap_std` handle on DIR.
+//!
+//! Memory: blobs up to [`SMALL_BLOB`] are fetched into memory (bounded by the expected size, so
+//! at most `concurrency` x about 2 x SMALL_BLOB bytes); larger ones are streamed through the
+//! decoder into a temporary file. Retries: the client retries in-memory fetches; streamed
+//! fetches are retried here with a fresh temporary file; refused presigned URLs (expired) get
+//! fresh locations.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use cap_std::fs::{Dir, File};
+use futures::{StreamExt, TryStreamExt};
+use indicatif::ProgressBar;
+use podfs_client::{Client, Error as ClientError};
+use podfs_protocol::api::{BlobLocation, MAX_HASH_BATCH};
+use podfs_protocol::{ContentHash, Entry, EntryKind, VersionRef, WsPath};
+use serde::Serialize;
+
+use crate::manifest;
+use crate::progress;
+use crate::restore::{self, TempFile};
+
+/// Downloads in flight at once.
+pub const DOWNLOAD_CONCURRENCY: usize = 64;
+/// Blobs up to this content size are downloaded into memory; larger ones are streamed to disk.
+pub const SMALL_BLOB: u64 = 1 << 20;
+/// Times a refused presigned URL is replaced by a fresh location before giving up.
+const MAX_LOCATION_REFRESHES: u32 = 3;
+
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// Downloads in flight at once.
+    pub concurrency: usize,
+    /// Show progress bars on stderr.
+    pub progress: bool,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        Self { concurrency: DOWNLOAD_CONCURRENCY, progress: false }
+    }
+}
+
+/// What a pull wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PullReport {
+    pub workspace: String,
+    pub version: u64,
+    pub dir: PathBuf,
+    pub files: u64,
+    pub symlinks: u64,
+    pub dirs: u64,
+    /// Content bytes of the files written.
+    pub bytes: u64,
+    /// Distinct blobs downloaded (identical content is downloaded once).
+    pub downloaded_blobs: u64,
+    /// Content bytes of the distinct blobs.
+    pub downloaded_bytes: u64,
+}
+
+/// Pull failures a caller may want to tell apart.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("workspace {0} not found")]
+    WorkspaceNotFound(String),
+    #[error("workspace {0} has no version yet")]
+    NoVersion(String),
+    #[error("version {version} of workspace {workspace} not found")]
+    VersionNotFound { workspace: String, version: VersionRef },
+}
+
+/// One distinct content and every path that holds it.
+struct Blob {
+    hash: ContentHash,
+    size: u64,
+    targets: Vec<Entry>,
+}
+
+struct Ctx {
+    client: Client,
+    ws: String,
+    root: Arc<Dir>,
+    bar: ProgressBar,
+}
+
+/// Pulls `version` of `ws` into `dir`, which must not exist or be empty.
+pub async fn pull(
+    client: &Client,
+    ws: &str,
+    version: VersionRef,
+    dir: &Path,
+    opts: PullOptions,
+) -> anyhow::Result<PullReport> {
+    let manifest = match client.manifest(ws, version).await {
+        Ok(m) => m,
+        Err(e) if e.is_not_found() => return Err(not_found(client, ws, version).await),
+        Err(e) => return Err(e).with_context(|| format!("cannot read the manifest of {ws}@{version}")),
+    };
+    if let VersionRef::Number(n) = version {
+        if manifest.version != n {
+            return Err(manifest::ManifestError::WrongVersion { want: format!("{ws}@{n}"), got: manifest.version.to_string() }.into());
+        }
+    }
+    let entries = manifest::validate(&manifest).with_context(|| format!("refusing the manifest of {ws}@{}", manifest.version))?;
+
+    let mut report = PullReport {
+        workspace: ws.to_string(),
+        version: manifest.version,
+        dir: dir.to_path_buf(),
+        files: 0,
+        symlinks: 0,
+        dirs: 0,
+        bytes: 0,
+        downloaded_blobs: 0,
+        downloaded_bytes: 0,
+    };
+    let mut dirs = Vec::new();
+    let mut blobs: Vec<Blob> = Vec::new();
+    let mut by_hash: HashMap<ContentHash, usize> = HashMap::new();
+    for e in entries {
+        match (e.kind, e.hash) {
+            (EntryKind::Dir, _) => {
+                report.dirs += 1;
+                dirs.push(e);
+            }
+            (kind, Some(hash)) => {
+                if kind == EntryKind::File {
+                    report.files += 1;
+                    report.bytes += e.size;
+                } else {
+                    report.symlinks += 1;
+                }
+                match by_hash.get(&hash) {
+                    Some(&i) => {
+                        if blobs[i].size != e.size {
+                            bail!("manifest gives blob {hash} two sizes ({} and {})", blobs[i].size, e.size);
+                        }
+                        blobs[i].targets.push(e);
+                    }
+                    None => {
+                        by_hash.insert(hash, blobs.len());
+                        blobs.push(Blob { hash, size: e.size, targets: vec![e] });
+                    }
+                }
+            }
+            (_, None) => bail!("manifest entry {} has no hash", e.path),
+        }
+    }
+    report.downloaded_blobs = blobs.len() as u64;
+    report.downloaded_bytes = blobs.iter().map(|b| b.size).sum();
+
+    let root = {
+        let dir = dir.to_path_buf();
+        let dirs = dirs.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Dir> {
+            let root = restore::open_empty_root(&dir)?;
+            for d in &dirs {
+                restore::create_dir(&root, &d.path)?;
+            }
+            Ok(root)
+        })
+        .await
+        .context("directory task failed")??
+    };
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        ws: ws.to_string(),
+        root: Arc::new(root),
+        bar: progress::bytes_bar(opts.progress, report.downloaded_bytes, "pulling"),
+    });
+
+    download_all(&ctx, blobs, opts.concurrency.max(1))
+        .await
+        .with_context(|| format!("pull of {ws}@{} into {} failed; the directory is incomplete", report.version, dir.display()))?;
+
+    let root = Arc::clone(&ctx.root);
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        for d in dirs.iter().rev() {
+            restore::set_mode(&root, &d.path, d.mode)?;
+        }
+        Ok(())
+    })
+    .await
+    .context("directory task failed")??;
+    ctx.bar.finish_and_clear();
+    Ok(report)
+}
+
+/// Explains a 404 on the manifest.
+async fn not_found(client: &Client, ws: &str, version: VersionRef) -> anyhow::Error {
+    match client.workspace(ws).await {
+        Err(e) if e.is_not_found() => PullError::WorkspaceNotFound(ws.to_string()).into(),
+        Ok(w) if w.head == 0 => PullError::NoVersion(ws.to_string()).into(),
+        _ => PullError::VersionNotFound { workspace: ws.to_string(), version }.into(),
+    }
+}
+
+/// Downloads every blob: locations are fetched one batch at a time as the downloads need them.
+async fn download_all(ctx: &Arc<Ctx>, blobs: Vec<Blob>, concurrency: usize) -> anyhow::Result<()> {
+    let mut batches = Vec::new();
+    let mut rest = blobs.into_iter().peekable();
+    while rest.peek().is_some() {
+        batches.push(rest.by_ref().take(MAX_HASH_BATCH).collect::<Vec<_>>());
+    }
+    futures::stream::iter(batches)
+        .then(|batch| {
+            let ctx = Arc::clone(ctx);
+            async move {
+                let hashes: Vec<ContentHash> = batch.iter().map(|b| b.hash).collect();
+                let locs = ctx.client.blob_locations(&ctx.ws, &hashes).await.context("cannot get blob locations")?;
+                let mut by_hash: HashMap<ContentHash, BlobLocation> =
+                    locs.locations.into_iter().map(|l| (l.hash, l)).collect();
+                let jobs = batch
+                    .into_iter()
+                    .map(|b| match by_hash.remove(&b.hash) {
+                        Some(loc) => Ok((b, loc)),
+                        None => Err(anyhow::anyhow!("the gateway gave no location for blob {}", b.hash)),
+                    })
+                    .collect::<Vec<_>>();
+                anyhow::Ok(futures::stream::iter(jobs))
+            }
+        })
+        .try_flatten()
+        .map_ok(|(blob, loc)| {
+            let ctx = Arc::clone(ctx);
+            async move { download(&ctx, blob, loc).await }
+        })
+        .try_buffer_unordered(concurrency)
+        .try_collect::<()>()
+        .await
+}
+
+/// A fresh location for `hash` (after a presigned URL was refused).
+async fn refresh(ctx: &Ctx, hash: ContentHash) -> anyhow::Result<BlobLocation> {
+    let locs = ctx.client.blob_locations(&ctx.ws, &[hash]).await.context("cannot refresh a blob location")?;
+    locs.locations.into_iter().find(|l| l.hash == hash).with_context(|| format!("the gateway gave no location for blob {hash}"))
+}
+
+async fn download(ctx: &Arc<Ctx>, blob: Blob, loc: BlobLocation) -> anyhow::Result<()> {
+    if blob.size <= SMALL_BLOB {
+        download_small(ctx, blob, loc).await
+    } else {
+        download_large(ctx, blob, loc).await
+    }
+}
+
+fn first_path(blob: &Blob) -> &WsPath {
+    &blob.targets[0].path
+}
+
+/// In memory: fetch (verified), then write every path holding it.
+async fn download_small(ctx: &Arc<Ctx>, blob: Blob, mut loc: BlobLocation) -> anyhow::Result<()> {
+    let mut refreshes = 0;
+    let content = loop {
+        match ctx.client.fetch_blob(&loc, blob.size).await {
+            Ok(c) => break c,
+            Err(ClientError::LocationExpired { .. }) if refreshes < MAX_LOCATION_REFRESHES => {
+                refreshes += 1;
+                loc = refresh(ctx, blob.hash).await?;
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot download {}", first_path(&blob))),
+        }
+    };
+    if content.len() as u64 != blob.size {
+        bail!("{}: the manifest says {} bytes, its blob has {}", first_path(&blob), blob.size, content.len());
+    }
+    let root = Arc::clone(&ctx.root);
+    let size = blob.size;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        for t in &blob.targets {
+            match t.kind {
+                EntryKind::Symlink => restore::write_symlink(&root, &t.path, &content)?,
+                _ => restore::write_file(&root, &t.path, &content, t.mode)?,
+            }
+        }
+        Ok(())
+    })
+    .await
+    .context("write task failed")??;
+    ctx.bar.inc(size);
+    Ok(())
+}
+
+/// Streamed: decode into a temporary file for the first path (retrying with a fresh one),
+/// rename it into place, then copy it to the other paths holding the same content.
+async fn download_large(ctx: &Arc<Ctx>, blob: Blob, mut loc: BlobLocation) -> anyhow::Result<()> {
+    let first = blob.targets[0].clone();
+    if blob.targets.iter().any(|t| t.kind != EntryKind::File) {
+        bail!("{}: a {}-byte symlink cannot be created", first.path, blob.size);
+    }
+    let policy = *ctx.client.retry_policy();
+    let (mut attempt, mut refreshes) = (1, 0);
+    let (temp, file) = loop {
+        let (temp, file) = {
+            let (root, path) = (Arc::clone(&ctx.root), first.path.clone());
+            tokio::task::spawn_blocking(move || TempFile::create(&root, &path)).await.context("write task failed")??
+        };
+        match ctx.client.fetch_blob_to(&loc, file.into_std()).await {
+            Ok((file, n)) if n == blob.size => break (temp, File::from_std(file)),
+            Ok((_, n)) => bail!("{}: the manifest says {} bytes, its blob has {n}", first.path, blob.size),
+            Err(ClientError::LocationExpired { .. }) if refreshes < MAX_LOCATION_REFRESHES => {
+                refreshes += 1;
+                loc = refresh(ctx, blob.hash).await?;
+            }
+            Err(e) if e.is_retryable() && attempt < policy.max_attempts => {
+                tracing::debug!(path = %first.path, attempt, error = %e, "retrying download");
+                tokio::time::sleep(policy.jittered_backoff(attempt)).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot download {}", first.path)),
+        }
+        // `temp` is dropped here, removing the partial file
+    };
+    let root = Arc::clone(&ctx.root);
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        // copy from the temporary file, which is readable whatever the final mode
+        for t in &blob.targets[1..] {
+            restore::copy_file(&root, temp.path(), &t.path, t.mode)?;
+        }
+        temp.persist(&file, first.mode)
+    })
+    .await
+    .context("write task failed")??;
+    ctx.bar.inc(blob.size);
+    Ok(())
+}
+
+/// `podfs pull WORKSPACE[@VERSION] DIR`.
+#[derive(Debug, clap::Args)]
+pub struct PullArgs {
+    /// WORKSPACE or WORKSPACE@VERSION (a number or `head`).
+    pub target: crate::target::Target,
+    /// Where to write the tree: a new or empty directory.
+    pub dir: PathBuf,
+    /// Downloads in flight at once.
+    #[arg(long, default_value_t = DOWNLOAD_CONCURRENCY)]
+    pub concurrency: usize,
+}
+
+/// Human output: `pulled demo@3 into DIR: 120 files, 3 symlinks, 14 dirs, 4.5 MiB (110 blobs downloaded)`.
+pub async fn run(client: &Client, args: PullArgs, out: &mut crate::cli::Output<'_>) -> anyhow::Result<()> {
+    use crate::output::{human_bytes, plural};
+    let opts = PullOptions { concurrency: args.concurrency, progress: out.progress };
+    let r = pull(client, &args.target.workspace, args.target.version, &args.dir, opts).await?;
+    out.json_or(&r, |w| {
+        writeln!(
+            w,
+            "pulled {}@{} into {}: {}, {}, {}, {} ({} downloaded)",
+            r.workspace,
+            r.version,
+            r.dir.display(),
+            plural(r.files, "file", "files"),
+            plural(r.symlinks, "symlink", "symlinks"),
+            plural(r.dirs, "dir", "dirs"),
+            human_bytes(r.bytes),
+            plural(r.downloaded_blobs, "blob", "blobs"),
+        )
+    })
+}

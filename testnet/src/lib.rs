@@ -1,0 +1,1 @@
+//! podfs test network.
