@@ -3,7 +3,7 @@
 //! URL in `PODFS_TEST_DATABASE_URL`, else `DATABASE_URL`, and dropped afterwards). Without
 //! either variable the PostgreSQL tests fail: they never pass silently.
 //!
-//! Test names: `sqlite::case_*` and `pg::case_*`.
+//! Test names: `sqlite::case_*` and `pg::case_*`, plus a few connection-level tests.
 
 #![allow(clippy::unwrap_used)]
 
@@ -67,17 +67,60 @@ where
     F: FnOnce(MetaStore) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("meta.db").display());
-    let store = MetaStore::connect(&url).await.unwrap();
-    assert!(!store.is_postgres());
-    store.ping().await.unwrap();
-    case(store).await;
+    with_sqlite_url(|url| async move {
+        let store = MetaStore::connect(&url).await.unwrap();
+        assert!(!store.is_postgres());
+        store.ping().await.unwrap();
+        case(store).await;
+    })
+    .await;
 }
 
 async fn on_postgres<F, Fut>(case: F)
 where
     F: FnOnce(MetaStore) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    with_postgres_url(|url| async move {
+        let store = MetaStore::connect(&url).await.unwrap();
+        assert!(store.is_postgres());
+        store.ping().await.unwrap();
+        case(store).await;
+    })
+    .await;
+}
+
+/// Runs `body` with the URL of a fresh SQLite file, removed afterwards.
+async fn with_sqlite_url<F, Fut>(body: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("meta.db");
+    body(format!("sqlite://{}", file.display())).await;
+    // The store put the file in WAL mode (a property of the file, so a fresh connection sees it).
+    assert!(
+        wal_mode(&file).await,
+        "the store must run SQLite in WAL mode"
+    );
+}
+
+async fn wal_mode(file: &std::path::Path) -> bool {
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", file.display()))
+        .await
+        .unwrap();
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    mode == "wal"
+}
+
+/// Runs `body` with the URL of a fresh PostgreSQL database, dropped afterwards (best effort).
+async fn with_postgres_url<F, Fut>(body: F)
+where
+    F: FnOnce(String) -> Fut,
     Fut: Future<Output = ()>,
 {
     let admin = std::env::var("PODFS_TEST_DATABASE_URL")
@@ -94,16 +137,9 @@ where
     conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .await
         .unwrap();
-    let outcome = AssertUnwindSafe(async {
-        let store = MetaStore::connect(&with_database(&admin, &name))
-            .await
-            .unwrap();
-        assert!(store.is_postgres());
-        store.ping().await.unwrap();
-        case(store).await;
-    })
-    .catch_unwind()
-    .await;
+    let outcome = AssertUnwindSafe(body(with_database(&admin, &name)))
+        .catch_unwind()
+        .await;
     // Best effort: a leftover database is harmless.
     let _ = conn
         .execute(sqlx::AssertSqlSafe(format!(
@@ -129,6 +165,59 @@ fn with_database(admin: &str, name: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Connection-level tests (they need the URL, not only a store)
+
+#[tokio::test]
+async fn sqlite_reopen_keeps_data() {
+    with_sqlite_url(reopen_keeps_data).await;
+}
+
+#[tokio::test]
+async fn pg_reopen_keeps_data() {
+    with_postgres_url(reopen_keeps_data).await;
+}
+
+/// A second connect runs the (already applied) migrations again and sees the same data.
+async fn reopen_keeps_data(url: String) {
+    let first = MetaStore::connect(&url).await.unwrap();
+    let ws = first.create_workspace("kept").await.unwrap();
+    record(&first, &["x"]).await;
+    commit(&first, &ws, vec![file("f", "x")]).await;
+    drop(first);
+    let second = MetaStore::connect(&url).await.unwrap();
+    let again = second.workspace("kept").await.unwrap();
+    assert_eq!(
+        (again.id, again.info.head, again.info.file_count),
+        (ws.id, 1, 1)
+    );
+    assert_eq!(paths(&tree(&second, &again, 1).await), ["f"]);
+}
+
+#[tokio::test]
+async fn connect_refuses_unsupported_urls() {
+    for url in [
+        "mysql://localhost/x",
+        "sqlite::memory:",
+        "sqlite://x.db?mode=memory",
+        "no-scheme",
+    ] {
+        assert!(
+            matches!(MetaStore::connect(url).await, Err(MetaError::Invalid(_))),
+            "{url}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unreachable_database_is_unavailable() {
+    // Nothing listens on port 1.
+    let err = MetaStore::connect("postgres://postgres@127.0.0.1:1/podfs")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MetaError::Unavailable(_)), "{err:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Helpers
 
 fn p(s: &str) -> WsPath {
@@ -146,6 +235,16 @@ fn file_entry(path: &str, content: &str) -> Entry {
         hash: Some(h(content)),
         size: content.len() as u64,
         mode: 0o644,
+    }
+}
+
+fn dir_entry(path: &str) -> Entry {
+    Entry {
+        path: p(path),
+        kind: EntryKind::Dir,
+        hash: None,
+        size: 0,
+        mode: 0o755,
     }
 }
 
@@ -215,6 +314,10 @@ fn paths(entries: &[Entry]) -> Vec<&str> {
     entries.iter().map(|e| e.path.as_str()).collect()
 }
 
+fn not_found<T: std::fmt::Debug>(result: Result<T, MetaError>) -> bool {
+    matches!(result, Err(MetaError::NotFound(_)))
+}
+
 /// Everything a failed commit must leave as it was.
 #[derive(Debug, PartialEq)]
 struct Snapshot {
@@ -278,32 +381,19 @@ async fn case_workspace_crud(store: MetaStore) {
     assert_eq!(names, ["alpha", "beta"]);
     let got = store.workspace("beta").await.unwrap();
     assert_eq!((got.id, got.info.head), (b.id, 0));
-    assert!(matches!(
-        store.workspace("gamma").await,
-        Err(MetaError::NotFound(_))
-    ));
+    assert!(not_found(store.workspace("gamma").await));
 
     // An empty workspace has no version to resolve.
-    assert!(matches!(
-        store.resolve_version(&a, VersionRef::Head).await,
-        Err(MetaError::NotFound(_))
-    ));
-    assert!(matches!(
-        store.resolve_version(&a, VersionRef::Number(1)).await,
-        Err(MetaError::NotFound(_))
+    assert!(not_found(store.resolve_version(&a, VersionRef::Head).await));
+    assert!(not_found(
+        store.resolve_version(&a, VersionRef::Number(1)).await
     ));
     assert!(tree(&store, &a, 0).await.is_empty());
     assert!(store.list_dir(a.id, 0, None).await.unwrap().is_empty());
 
     store.delete_workspace("alpha").await.unwrap();
-    assert!(matches!(
-        store.workspace("alpha").await,
-        Err(MetaError::NotFound(_))
-    ));
-    assert!(matches!(
-        store.delete_workspace("alpha").await,
-        Err(MetaError::NotFound(_))
-    ));
+    assert!(not_found(store.workspace("alpha").await));
+    assert!(not_found(store.delete_workspace("alpha").await));
     let names: Vec<String> = store
         .list_workspaces()
         .await
@@ -368,7 +458,7 @@ async fn case_commit_and_tree_at_every_version(store: MetaStore) {
     assert!(tree(&store, &ws, 0).await.is_empty());
     // A version beyond the head is refused, not answered with the head's tree.
     let beyond: Result<Vec<Entry>, MetaError> = store.tree(ws.id, 4).try_collect().await;
-    assert!(matches!(beyond, Err(MetaError::NotFound(_))));
+    assert!(not_found(beyond));
 
     assert_eq!(
         store.entry(ws.id, 1, &p("src/a.rs")).await.unwrap(),
@@ -391,16 +481,6 @@ async fn case_commit_and_tree_at_every_version(store: MetaStore) {
     assert_eq!(tree(&store, &ws, 1).await, t1);
     assert_eq!(tree(&store, &ws, 2).await, t2);
     assert_eq!(tree(&store, &ws, 3).await, t3);
-}
-
-fn dir_entry(path: &str) -> Entry {
-    Entry {
-        path: p(path),
-        kind: EntryKind::Dir,
-        hash: None,
-        size: 0,
-        mode: 0o755,
-    }
 }
 
 async fn case_versions_log(store: MetaStore) {
@@ -455,14 +535,8 @@ async fn case_versions_log(store: MetaStore) {
         &time::format_description::well_known::Rfc3339,
     )
     .unwrap();
-    assert!(matches!(
-        store.version(&ws, 6).await,
-        Err(MetaError::NotFound(_))
-    ));
-    assert!(matches!(
-        store.version(&ws, u64::MAX).await,
-        Err(MetaError::NotFound(_))
-    ));
+    assert!(not_found(store.version(&ws, 6).await));
+    assert!(not_found(store.version(&ws, u64::MAX).await));
 
     // The head is re-read from the database, not taken from the (stale) row.
     assert_eq!(ws.info.head, 0);
@@ -554,10 +628,11 @@ async fn case_diff_lists_exactly_the_changes(store: MetaStore) {
         ("d/mod".into(), Modified, Some(h("m1")), Some(h("m2"))),
         ("d/new".into(), Added, None, Some(h("n"))),
     ];
-    assert_eq!(
-        summary(store.diff(ws.id, 1, 3).await.unwrap()),
-        without_flip
-    );
+    // flip changed and changed back: not listed.
+    let mut with_tmp = without_flip.to_vec();
+    with_tmp.push(("tmp".into(), Added, None, Some(h("t"))));
+    assert_eq!(summary(store.diff(ws.id, 1, 3).await.unwrap()), with_tmp);
+    // ...and tmp, added then deleted in between, is not listed either.
     assert_eq!(
         summary(store.diff(ws.id, 1, 4).await.unwrap()),
         without_flip
@@ -858,10 +933,7 @@ async fn case_list_dir(store: MetaStore) {
     assert!(
         matches!(store.list_dir(ws.id, 2, Some(&p("nope"))).await, Err(MetaError::NotFound(m)) if m.contains("nope"))
     );
-    assert!(matches!(
-        store.list_dir(ws.id, 2, Some(&p("src/b"))).await,
-        Err(MetaError::NotFound(_))
-    ));
+    assert!(not_found(store.list_dir(ws.id, 2, Some(&p("src/b"))).await));
 }
 
 async fn case_history_of_one_path(store: MetaStore) {
@@ -887,10 +959,7 @@ async fn case_history_of_one_path(store: MetaStore) {
         ]
     );
     assert!(history.iter().all(|r| r.entry.path == p("f")));
-    assert!(matches!(
-        store.history(ws.id, &p("never")).await,
-        Err(MetaError::NotFound(_))
-    ));
+    assert!(not_found(store.history(ws.id, &p("never")).await));
 }
 
 async fn case_file_count_and_total_bytes(store: MetaStore) {
@@ -1047,10 +1116,7 @@ async fn case_tokens(store: MetaStore) {
     assert!(store.token(&t1).await.unwrap().is_none());
     assert!(store.token(&t2).await.unwrap().is_none());
     assert!(store.token(&t3).await.unwrap().is_some());
-    assert!(matches!(
-        store.create_token(&a, Right::Read, None).await,
-        Err(MetaError::NotFound(_))
-    ));
+    assert!(not_found(store.create_token(&a, Right::Read, None).await));
 }
 
 async fn case_blobs_are_idempotent(store: MetaStore) {
@@ -1200,16 +1266,14 @@ async fn case_delete_workspace_removes_everything(store: MetaStore) {
     assert_eq!(store.entry_rows(ws.id).await.unwrap(), 0);
     assert!(store.versions(&ws, 10, None).await.unwrap().is_empty());
     assert!(store.token(&token).await.unwrap().is_none());
-    assert!(matches!(
-        store.resolve_version(&ws, VersionRef::Head).await,
-        Err(MetaError::NotFound(_))
+    assert!(not_found(
+        store.resolve_version(&ws, VersionRef::Head).await
     ));
     let gone: Result<Vec<Entry>, MetaError> = store.tree(ws.id, 1).try_collect().await;
-    assert!(matches!(gone, Err(MetaError::NotFound(_))));
+    assert!(not_found(gone));
     // A commit through a stale handle finds no workspace.
-    assert!(matches!(
-        store.commit(&ws, input(2, vec![file("h", "x")])).await,
-        Err(MetaError::NotFound(_))
+    assert!(not_found(
+        store.commit(&ws, input(2, vec![file("h", "x")])).await
     ));
     // Blobs are shared by content and stay.
     assert!(store.missing_blobs(&[h("x")]).await.unwrap().is_empty());

@@ -1,5 +1,5 @@
 //! The blob-backend conformance suite on every backend: memory, local directory, and S3
-//! (the real S3-compatible server from `scripts/dev-services up`; PODFS_BLOB_STORE must be set).
+//! (the real S3-compatible server from `scripts/dev-services up`; PODFS_TEST_BLOB_STORE or PODFS_BLOB_STORE must be set).
 
 use podfs_gateway::store::{self, conformance, s3::S3Options};
 
@@ -33,7 +33,8 @@ async fn file_backend_refuses_keys_outside_its_root() {
 
 #[tokio::test]
 async fn s3_backend_conforms() {
-    let url = std::env::var("PODFS_BLOB_STORE")
+    let url = std::env::var("PODFS_TEST_BLOB_STORE")
+        .or_else(|_| std::env::var("PODFS_BLOB_STORE"))
         .expect("PODFS_BLOB_STORE is not set: run `eval \"$(scripts/dev-services up)\"` (S3 tests never skip)");
     assert!(url.starts_with("s3://"), "PODFS_BLOB_STORE must be an s3:// URL for this test, got {url}");
     let b = store::from_url(&url, &S3Options::default()).await.expect("S3 backend");

@@ -53,8 +53,9 @@ CREATE TABLE entries (
 CREATE INDEX entries_until ON entries (workspace_id, until_version, path);
 -- Rows opened in a version range (diff).
 CREATE INDEX entries_from ON entries (workspace_id, from_version);
--- Directory listings and "does this directory still have live children".
-CREATE INDEX entries_parent ON entries (workspace_id, parent, until_version, path);
+-- Directory listings (children in path order) and "does this directory still have live
+-- children".
+CREATE INDEX entries_parent ON entries (workspace_id, parent, path, until_version);
 -- "Is this hash referenced by the workspace".
 CREATE INDEX entries_hash ON entries (workspace_id, hash);
 

@@ -1,6 +1,5 @@
 //! `podfs diff WORKSPACE V1 V2`: one line per changed path, `A path`, `M path` or `D path`.
 
-
 use anyhow::Context;
 use clap::Args;
 use podfs_client::Client;

@@ -11,8 +11,6 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
-
-
 pub mod cat;
 pub mod changes;
 pub mod cli;
@@ -31,8 +29,8 @@ pub mod token;
 pub mod workspace;
 
 pub use cli::{Cli, run, run_with};
+pub use podfs_client::Client;
+pub use podfs_protocol::VersionRef;
 pub use pull::{PullError, PullOptions, PullReport, pull};
 pub use push::{PushError, PushOptions, PushReport, push};
 pub use target::Target;
-pub use podfs_client::Client;
-pub use podfs_protocol::VersionRef;

@@ -24,6 +24,9 @@ pub fn spinner(show: bool, what: &str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    bar.set_style(style);
     bar.set_message(what.to_string());
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     bar

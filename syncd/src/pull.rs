@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cap_std::fs::{Dir, File};
@@ -45,7 +46,10 @@ pub struct PullOptions {
 
 impl Default for PullOptions {
     fn default() -> Self {
-        Self { concurrency: DOWNLOAD_CONCURRENCY, progress: false }
+        Self {
+            concurrency: DOWNLOAD_CONCURRENCY,
+            progress: false,
+        }
     }
 }
 
@@ -74,7 +78,10 @@ pub enum PullError {
     #[error("workspace {0} has no version yet")]
     NoVersion(String),
     #[error("version {version} of workspace {workspace} not found")]
-    VersionNotFound { workspace: String, version: VersionRef },
+    VersionNotFound {
+        workspace: String,
+        version: VersionRef,
+    },
 }
 
 /// One distinct content and every path that holds it.
@@ -102,14 +109,21 @@ pub async fn pull(
     let manifest = match client.manifest(ws, version).await {
         Ok(m) => m,
         Err(e) if e.is_not_found() => return Err(not_found(client, ws, version).await),
-        Err(e) => return Err(e).with_context(|| format!("cannot read the manifest of {ws}@{version}")),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read the manifest of {ws}@{version}"));
+        }
     };
     if let VersionRef::Number(n) = version {
         if manifest.version != n {
-            return Err(manifest::ManifestError::WrongVersion { want: format!("{ws}@{n}"), got: manifest.version.to_string() }.into());
+            return Err(manifest::ManifestError::WrongVersion {
+                want: format!("{ws}@{n}"),
+                got: manifest.version.to_string(),
+            }
+            .into());
         }
     }
-    let entries = manifest::validate(&manifest).with_context(|| format!("refusing the manifest of {ws}@{}", manifest.version))?;
+    let entries = manifest::validate(&manifest)
+        .with_context(|| format!("refusing the manifest of {ws}@{}", manifest.version))?;
 
     let mut report = PullReport {
         workspace: ws.to_string(),
@@ -141,13 +155,21 @@ pub async fn pull(
                 match by_hash.get(&hash) {
                     Some(&i) => {
                         if blobs[i].size != e.size {
-                            bail!("manifest gives blob {hash} two sizes ({} and {})", blobs[i].size, e.size);
+                            bail!(
+                                "manifest gives blob {hash} two sizes ({} and {})",
+                                blobs[i].size,
+                                e.size
+                            );
                         }
                         blobs[i].targets.push(e);
                     }
                     None => {
                         by_hash.insert(hash, blobs.len());
-                        blobs.push(Blob { hash, size: e.size, targets: vec![e] });
+                        blobs.push(Blob {
+                            hash,
+                            size: e.size,
+                            targets: vec![e],
+                        });
                     }
                 }
             }
@@ -179,7 +201,13 @@ pub async fn pull(
 
     download_all(&ctx, blobs, opts.concurrency.max(1))
         .await
-        .with_context(|| format!("pull of {ws}@{} into {} failed; the directory is incomplete", report.version, dir.display()))?;
+        .with_context(|| {
+            format!(
+                "pull of {ws}@{} into {} failed; the directory is incomplete",
+                report.version,
+                dir.display()
+            )
+        })?;
 
     let root = Arc::clone(&ctx.root);
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
@@ -199,7 +227,11 @@ async fn not_found(client: &Client, ws: &str, version: VersionRef) -> anyhow::Er
     match client.workspace(ws).await {
         Err(e) if e.is_not_found() => PullError::WorkspaceNotFound(ws.to_string()).into(),
         Ok(w) if w.head == 0 => PullError::NoVersion(ws.to_string()).into(),
-        _ => PullError::VersionNotFound { workspace: ws.to_string(), version }.into(),
+        _ => PullError::VersionNotFound {
+            workspace: ws.to_string(),
+            version,
+        }
+        .into(),
     }
 }
 
@@ -215,14 +247,22 @@ async fn download_all(ctx: &Arc<Ctx>, blobs: Vec<Blob>, concurrency: usize) -> a
             let ctx = Arc::clone(ctx);
             async move {
                 let hashes: Vec<ContentHash> = batch.iter().map(|b| b.hash).collect();
-                let locs = ctx.client.blob_locations(&ctx.ws, &hashes).await.context("cannot get blob locations")?;
+                let locs = ctx
+                    .client
+                    .blob_locations(&ctx.ws, &hashes)
+                    .await
+                    .context("cannot get blob locations")?;
+                let stale_at = stale_at(locs.expires_in_secs);
                 let mut by_hash: HashMap<ContentHash, BlobLocation> =
                     locs.locations.into_iter().map(|l| (l.hash, l)).collect();
                 let jobs = batch
                     .into_iter()
                     .map(|b| match by_hash.remove(&b.hash) {
-                        Some(loc) => Ok((b, loc)),
-                        None => Err(anyhow::anyhow!("the gateway gave no location for blob {}", b.hash)),
+                        Some(loc) => Ok((b, Located { loc, stale_at })),
+                        None => Err(anyhow::anyhow!(
+                            "the gateway gave no location for blob {}",
+                            b.hash
+                        )),
                     })
                     .collect::<Vec<_>>();
                 anyhow::Ok(futures::stream::iter(jobs))
@@ -238,13 +278,43 @@ async fn download_all(ctx: &Arc<Ctx>, blobs: Vec<Blob>, concurrency: usize) -> a
         .await
 }
 
-/// A fresh location for `hash` (after a presigned URL was refused).
-async fn refresh(ctx: &Ctx, hash: ContentHash) -> anyhow::Result<BlobLocation> {
-    let locs = ctx.client.blob_locations(&ctx.ws, &[hash]).await.context("cannot refresh a blob location")?;
-    locs.locations.into_iter().find(|l| l.hash == hash).with_context(|| format!("the gateway gave no location for blob {hash}"))
+/// A blob location and when to stop trusting it.
+struct Located {
+    loc: BlobLocation,
+    /// After three quarters of the URL's lifetime, it is refreshed before use.
+    stale_at: Instant,
 }
 
-async fn download(ctx: &Arc<Ctx>, blob: Blob, loc: BlobLocation) -> anyhow::Result<()> {
+fn stale_at(expires_in_secs: u64) -> Instant {
+    Instant::now() + Duration::from_secs(expires_in_secs.saturating_mul(3) / 4)
+}
+
+/// A fresh location for `hash` (after a presigned URL was refused, or before it expires).
+async fn refresh(ctx: &Ctx, hash: ContentHash) -> anyhow::Result<Located> {
+    let locs = ctx
+        .client
+        .blob_locations(&ctx.ws, &[hash])
+        .await
+        .context("cannot refresh a blob location")?;
+    let stale_at = stale_at(locs.expires_in_secs);
+    let loc = locs
+        .locations
+        .into_iter()
+        .find(|l| l.hash == hash)
+        .with_context(|| format!("the gateway gave no location for blob {hash}"))?;
+    Ok(Located { loc, stale_at })
+}
+
+/// `located`, refreshed first when it is close to expiring.
+async fn fresh(ctx: &Ctx, hash: ContentHash, located: Located) -> anyhow::Result<Located> {
+    if Instant::now() >= located.stale_at {
+        refresh(ctx, hash).await
+    } else {
+        Ok(located)
+    }
+}
+
+async fn download(ctx: &Arc<Ctx>, blob: Blob, loc: Located) -> anyhow::Result<()> {
     if blob.size <= SMALL_BLOB {
         download_small(ctx, blob, loc).await
     } else {
@@ -257,20 +327,28 @@ fn first_path(blob: &Blob) -> &WsPath {
 }
 
 /// In memory: fetch (verified), then write every path holding it.
-async fn download_small(ctx: &Arc<Ctx>, blob: Blob, mut loc: BlobLocation) -> anyhow::Result<()> {
+async fn download_small(ctx: &Arc<Ctx>, blob: Blob, mut loc: Located) -> anyhow::Result<()> {
     let mut refreshes = 0;
     let content = loop {
-        match ctx.client.fetch_blob(&loc, blob.size).await {
+        loc = fresh(ctx, blob.hash, loc).await?;
+        match ctx.client.fetch_blob(&loc.loc, blob.size).await {
             Ok(c) => break c,
             Err(ClientError::LocationExpired { .. }) if refreshes < MAX_LOCATION_REFRESHES => {
                 refreshes += 1;
                 loc = refresh(ctx, blob.hash).await?;
             }
-            Err(e) => return Err(e).with_context(|| format!("cannot download {}", first_path(&blob))),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot download {}", first_path(&blob)));
+            }
         }
     };
     if content.len() as u64 != blob.size {
-        bail!("{}: the manifest says {} bytes, its blob has {}", first_path(&blob), blob.size, content.len());
+        bail!(
+            "{}: the manifest says {} bytes, its blob has {}",
+            first_path(&blob),
+            blob.size,
+            content.len()
+        );
     }
     let root = Arc::clone(&ctx.root);
     let size = blob.size;
@@ -291,21 +369,32 @@ async fn download_small(ctx: &Arc<Ctx>, blob: Blob, mut loc: BlobLocation) -> an
 
 /// Streamed: decode into a temporary file for the first path (retrying with a fresh one),
 /// rename it into place, then copy it to the other paths holding the same content.
-async fn download_large(ctx: &Arc<Ctx>, blob: Blob, mut loc: BlobLocation) -> anyhow::Result<()> {
+async fn download_large(ctx: &Arc<Ctx>, blob: Blob, mut loc: Located) -> anyhow::Result<()> {
     let first = blob.targets[0].clone();
     if blob.targets.iter().any(|t| t.kind != EntryKind::File) {
-        bail!("{}: a {}-byte symlink cannot be created", first.path, blob.size);
+        bail!(
+            "{}: a {}-byte symlink cannot be created",
+            first.path,
+            blob.size
+        );
     }
     let policy = *ctx.client.retry_policy();
     let (mut attempt, mut refreshes) = (1, 0);
     let (temp, file) = loop {
         let (temp, file) = {
             let (root, path) = (Arc::clone(&ctx.root), first.path.clone());
-            tokio::task::spawn_blocking(move || TempFile::create(&root, &path)).await.context("write task failed")??
+            tokio::task::spawn_blocking(move || TempFile::create(&root, &path))
+                .await
+                .context("write task failed")??
         };
-        match ctx.client.fetch_blob_to(&loc, file.into_std()).await {
+        loc = fresh(ctx, blob.hash, loc).await?;
+        match ctx.client.fetch_blob_to(&loc.loc, file.into_std()).await {
             Ok((file, n)) if n == blob.size => break (temp, File::from_std(file)),
-            Ok((_, n)) => bail!("{}: the manifest says {} bytes, its blob has {n}", first.path, blob.size),
+            Ok((_, n)) => bail!(
+                "{}: the manifest says {} bytes, its blob has {n}",
+                first.path,
+                blob.size
+            ),
             Err(ClientError::LocationExpired { .. }) if refreshes < MAX_LOCATION_REFRESHES => {
                 refreshes += 1;
                 loc = refresh(ctx, blob.hash).await?;
@@ -346,10 +435,24 @@ pub struct PullArgs {
 }
 
 /// Human output: `pulled demo@3 into DIR: 120 files, 3 symlinks, 14 dirs, 4.5 MiB (110 blobs downloaded)`.
-pub async fn run(client: &Client, args: PullArgs, out: &mut crate::cli::Output<'_>) -> anyhow::Result<()> {
+pub async fn run(
+    client: &Client,
+    args: PullArgs,
+    out: &mut crate::cli::Output<'_>,
+) -> anyhow::Result<()> {
     use crate::output::{human_bytes, plural};
-    let opts = PullOptions { concurrency: args.concurrency, progress: out.progress };
-    let r = pull(client, &args.target.workspace, args.target.version, &args.dir, opts).await?;
+    let opts = PullOptions {
+        concurrency: args.concurrency,
+        progress: out.progress,
+    };
+    let r = pull(
+        client,
+        &args.target.workspace,
+        args.target.version,
+        &args.dir,
+        opts,
+    )
+    .await?;
     out.json_or(&r, |w| {
         writeln!(
             w,

@@ -15,7 +15,11 @@ pub enum Error {
     /// `code` and `message` come from the `ErrorBody`; for non-JSON answers `code` is derived from
     /// the status and `message` is the start of the body.
     #[error("{message} (HTTP {}, {code})", status.as_u16())]
-    Api { status: StatusCode, code: String, message: String },
+    Api {
+        status: StatusCode,
+        code: String,
+        message: String,
+    },
     /// The request did not complete: connection refused or reset, timeout, broken body.
     #[error("request failed")]
     Transport(#[source] reqwest::Error),
@@ -29,9 +33,14 @@ pub enum Error {
         #[source]
         source: BlobError,
     },
-    /// A presigned URL was refused (403): it expired. Fetch fresh locations and try again.
-    #[error("presigned URL for blob {hash} expired or was refused; fetch fresh locations")]
-    LocationExpired { hash: ContentHash },
+    /// A presigned URL was refused (400, 401 or 403 from the object store): usually it expired.
+    /// Fetch fresh locations and try again.
+    #[error("presigned URL for blob {hash} was refused (HTTP {}, {message}); fetch fresh locations", status.as_u16())]
+    LocationExpired {
+        hash: ContentHash,
+        status: StatusCode,
+        message: String,
+    },
     /// A base URL or a location URL that cannot be used.
     #[error("invalid URL {url:?}: {message}")]
     InvalidUrl { url: String, message: String },
@@ -53,7 +62,10 @@ impl Error {
                         && *status != StatusCode::HTTP_VERSION_NOT_SUPPORTED)
             }
             Error::Corrupt { .. } => true,
-            Error::Decode { .. } | Error::LocationExpired { .. } | Error::InvalidUrl { .. } | Error::Io(_) => false,
+            Error::Decode { .. }
+            | Error::LocationExpired { .. }
+            | Error::InvalidUrl { .. }
+            | Error::Io(_) => false,
         }
     }
 
@@ -87,23 +99,54 @@ impl Error {
         self.status() == Some(StatusCode::CONFLICT)
     }
 
-    /// Turns a blob decoding failure into `Corrupt`, or into `Transport`/`Io` when the failure
-    /// was reading the network or writing the output.
+    /// Turns a blob decoding failure into `Corrupt`, or into `Transport` when reading the
+    /// network failed, or `Io` when writing the output failed ([`WriteFailed`]).
     pub(crate) fn from_blob(hash: ContentHash, e: BlobError) -> Self {
-        match e {
-            BlobError::Io(io) => {
-                if io.get_ref().is_some_and(|inner| inner.is::<reqwest::Error>()) {
-                    match io.into_inner().map(|inner| inner.downcast::<reqwest::Error>()) {
-                        Some(Ok(re)) => Error::Transport(*re),
-                        Some(Err(other)) => Error::Io(io::Error::other(other)),
-                        None => Error::Io(io::Error::other("unknown I/O error")),
-                    }
-                } else {
-                    Error::Io(io)
-                }
-            }
-            other => Error::Corrupt { hash, source: other },
+        let BlobError::Io(io) = e else {
+            return Error::Corrupt { hash, source: e };
+        };
+        let network = io
+            .get_ref()
+            .is_some_and(|inner| inner.is::<reqwest::Error>());
+        let output = io.get_ref().is_some_and(|inner| inner.is::<WriteFailed>());
+        if !(network || output) {
+            // the decoder itself failed (zstd: corrupt frame)
+            return Error::Corrupt {
+                hash,
+                source: BlobError::Io(io),
+            };
         }
+        match io.into_inner() {
+            Some(inner) => match inner.downcast::<reqwest::Error>() {
+                Ok(re) => Error::Transport(*re),
+                Err(inner) => match inner.downcast::<WriteFailed>() {
+                    Ok(w) => Error::Io(w.0),
+                    Err(other) => Error::Io(io::Error::other(other)),
+                },
+            },
+            None => Error::Io(io::Error::other("unknown I/O error")),
+        }
+    }
+}
+
+/// Marks an error of the caller's writer, to tell it apart from a decoder error.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct WriteFailed(pub io::Error);
+
+/// A writer whose errors are marked [`WriteFailed`].
+pub(crate) struct MarkedWriter<W>(pub W);
+
+impl<W: io::Write> io::Write for MarkedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .write(buf)
+            .map_err(|e| io::Error::new(e.kind(), WriteFailed(e)))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0
+            .flush()
+            .map_err(|e| io::Error::new(e.kind(), WriteFailed(e)))
     }
 }
 
@@ -128,8 +171,19 @@ mod tests {
             assert!(!api(s).is_retryable(), "{s}");
         }
         let h = ContentHash::of(b"x");
-        assert!(Error::Corrupt { hash: h, source: BlobError::BadHeader }.is_retryable());
-        assert!(!Error::LocationExpired { hash: h }.is_retryable());
+        assert!(
+            Error::Corrupt {
+                hash: h,
+                source: BlobError::BadHeader
+            }
+            .is_retryable()
+        );
+        let expired = Error::LocationExpired {
+            hash: h,
+            status: StatusCode::FORBIDDEN,
+            message: "m".into(),
+        };
+        assert!(!expired.is_retryable());
         assert!(api(404).is_not_found());
         assert!(api(409).is_conflict());
         assert_eq!(api(409).code(), Some("x"));
@@ -138,7 +192,22 @@ mod tests {
     #[test]
     fn blob_errors_are_mapped() {
         let h = ContentHash::of(b"x");
-        assert!(matches!(Error::from_blob(h, BlobError::BadHeader), Error::Corrupt { .. }));
-        assert!(matches!(Error::from_blob(h, BlobError::Io(io::Error::other("disk full"))), Error::Io(_)));
+        assert!(matches!(
+            Error::from_blob(h, BlobError::BadHeader),
+            Error::Corrupt { .. }
+        ));
+        let decoder = io::Error::other("Data corruption detected");
+        assert!(matches!(
+            Error::from_blob(h, BlobError::Io(decoder)),
+            Error::Corrupt { .. }
+        ));
+        let disk = io::Error::new(
+            io::ErrorKind::StorageFull,
+            WriteFailed(io::Error::from(io::ErrorKind::StorageFull)),
+        );
+        match Error::from_blob(h, BlobError::Io(disk)) {
+            Error::Io(e) => assert_eq!(e.kind(), io::ErrorKind::StorageFull),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -128,8 +128,8 @@ pub struct MetaStore {
 impl MetaStore {
     /// Connects to `postgres://...`, `postgresql://...` or `sqlite://...` and brings the schema
     /// up to date. A SQLite file is created if missing (`mode=rwc` unless the URL sets a mode)
-    /// and runs in WAL mode with `synchronous=NORMAL` and a 10 s busy timeout. `sqlite::memory:`
-    /// works too, on a single connection.
+    /// and runs in WAL mode with `synchronous=NORMAL` and a 10 s busy timeout. In-memory SQLite
+    /// is refused (`Invalid`).
     pub async fn connect(url: &str) -> Result<Self, MetaError> {
         INSTALL_DRIVERS.call_once(sqlx::any::install_default_drivers);
         let postgres = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -152,15 +152,21 @@ impl MetaStore {
             PG_MIGRATOR.run(&pool).await?;
             MetaStore { pool, postgres }
         } else {
-            let memory = url.contains(":memory:") || url.contains("mode=memory");
-            let url = if memory || url.contains("mode=") {
+            if url.contains(":memory:") || url.contains("mode=memory") {
+                // Each pooled connection would open its own, empty database.
+                return Err(MetaError::Invalid(
+                    "in-memory SQLite is not supported: use a file (in a temporary directory for tests)".into(),
+                ));
+            }
+            let url = if url.contains("mode=") {
                 url.to_string()
             } else if url.contains('?') {
                 format!("{url}&mode=rwc")
             } else {
                 format!("{url}?mode=rwc")
             };
-            let mut pool_options = AnyPoolOptions::new()
+            let pool = AnyPoolOptions::new()
+                .max_connections(SQLITE_MAX_CONNECTIONS)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .after_connect(|conn, _| {
                     Box::pin(async move {
@@ -172,22 +178,12 @@ impl MetaStore {
                         conn.execute("PRAGMA foreign_keys = ON").await?;
                         Ok(())
                     })
-                });
-            pool_options = if memory {
-                // Every connection to `:memory:` is its own database: keep exactly one, forever.
-                pool_options
-                    .max_connections(1)
-                    .min_connections(1)
-                    .idle_timeout(None)
-                    .max_lifetime(None)
-            } else {
-                pool_options.max_connections(SQLITE_MAX_CONNECTIONS)
-            };
-            let pool = pool_options.connect(&url).await.map_err(connect_error)?;
-            if !memory {
-                // Persistent in the file: once is enough, and it must precede the first write.
-                pool.execute("PRAGMA journal_mode = WAL").await?;
-            }
+                })
+                .connect(&url)
+                .await
+                .map_err(connect_error)?;
+            // Persistent in the file: once is enough, and it must precede the first write.
+            pool.execute("PRAGMA journal_mode = WAL").await?;
             SQLITE_MIGRATOR.run(&pool).await?;
             MetaStore { pool, postgres }
         };

@@ -109,10 +109,15 @@ impl MetaStore {
             }
         }
         let v = version_i64(v)?;
+        // A self-join rather than one filter: SQLite without statistics assumes
+        // `workspace_id = ?` is selective and would read the whole workspace in primary-key
+        // order to avoid a sort. Here the children come from `entries_parent` in path order
+        // (covering in SQLite), then each row from its primary key; same plan on PostgreSQL.
         sqlx::query(
-            "SELECT path, kind, hash, size, mode FROM entries \
-             WHERE workspace_id = $1 AND parent = $2 AND from_version <= $3 AND until_version > $3 \
-             ORDER BY path",
+            "SELECT e.path, e.kind, e.hash, e.size, e.mode FROM entries c CROSS JOIN entries e \
+             WHERE c.workspace_id = $1 AND c.parent = $2 AND c.from_version <= $3 AND c.until_version > $3 \
+             AND e.workspace_id = c.workspace_id AND e.path = c.path AND e.from_version = c.from_version \
+             ORDER BY c.path",
         )
         .bind(ws_id)
         .bind(dir.map_or("", |d| d.as_str()))
