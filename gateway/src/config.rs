@@ -88,7 +88,8 @@ impl Config {
     pub fn resolve(args: Args) -> anyhow::Result<Self> {
         let file: FileConfig = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+                let text =
+                    std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
                 toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?
             }
             None => FileConfig::default(),
@@ -148,12 +149,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("gw.toml");
         std::fs::write(&file, "listen = \"127.0.0.1:9999\"\nmax_blob_size = 10\ndata_dir = \"/tmp/x\"\n").unwrap();
-        let c = Config::resolve(Args {
-            config: Some(file.clone()),
-            max_blob_size: Some(20),
-            ..Args::default()
-        })
-        .unwrap();
+        let c =
+            Config::resolve(Args { config: Some(file.clone()), max_blob_size: Some(20), ..Args::default() }).unwrap();
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.max_blob_size, 20);
         assert_eq!(c.database_url, "sqlite:///tmp/x/meta.sqlite");

@@ -55,11 +55,9 @@ pub async fn build(config: Config) -> anyhow::Result<AppState> {
     let meta = MetaStore::connect(&config.database_url)
         .await
         .map_err(|e| anyhow::anyhow!("connecting the metadata database: {e}"))?;
-    let backend = store::from_url(
-        &config.blob_store,
-        &store::s3::S3Options { checksums_when_supported: config.s3_checksums },
-    )
-    .await?;
+    let backend =
+        store::from_url(&config.blob_store, &store::s3::S3Options { checksums_when_supported: config.s3_checksums })
+            .await?;
     let admin_token = admin_token(&config).await?;
     let blobs = BlobService::new(backend, meta.clone(), spool, config.max_blob_size, config.presign_ttl);
     Ok(AppState(Arc::new(Inner {

@@ -38,7 +38,8 @@ struct Resp {
 
 impl Resp {
     fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
     fn code(&self) -> String {
         self.json()["code"].as_str().unwrap_or_default().to_string()
@@ -71,7 +72,9 @@ impl Gw {
 
     async fn upload(&self, ws: &str, content: &[u8]) -> ContentHash {
         let h = ContentHash::of(content);
-        let r = self.call("PUT", &format!("/v1/workspaces/{ws}/blobs/{h}"), Some(ADMIN), &[], Body::from(content.to_vec())).await;
+        let r = self
+            .call("PUT", &format!("/v1/workspaces/{ws}/blobs/{h}"), Some(ADMIN), &[], Body::from(content.to_vec()))
+            .await;
         assert!(r.status.is_success(), "upload: {} {}", r.status, String::from_utf8_lossy(&r.body));
         h
     }
@@ -84,7 +87,10 @@ impl Gw {
 /// A workspace `demo` at version 1 with README.md, a directory, a symlink and an exec file.
 async fn demo() -> Gw {
     let gw = gateway().await;
-    assert_eq!(gw.json("POST", "/v1/workspaces", Some(ADMIN), json!({"name": "demo"})).await.status, StatusCode::CREATED);
+    assert_eq!(
+        gw.json("POST", "/v1/workspaces", Some(ADMIN), json!({"name": "demo"})).await.status,
+        StatusCode::CREATED
+    );
     let readme = gw.upload("demo", b"hello world").await;
     let link = gw.upload("demo", b"README.md").await;
     let r = gw
@@ -115,11 +121,15 @@ async fn tokens_and_rights() {
     let read = gw.json("POST", "/v1/workspaces/demo/tokens", Some(ADMIN), json!({"right": "read"})).await;
     assert_eq!(read.status, StatusCode::CREATED);
     let read = read.json()["token"].as_str().expect("token").to_string();
-    let write = gw.json("POST", "/v1/workspaces/demo/tokens", Some(ADMIN), json!({"right": "write"})).await.json()["token"]
-        .as_str()
-        .expect("token")
-        .to_string();
-    assert_eq!(gw.json("POST", "/v1/workspaces", Some(ADMIN), json!({"name": "other"})).await.status, StatusCode::CREATED);
+    let write =
+        gw.json("POST", "/v1/workspaces/demo/tokens", Some(ADMIN), json!({"right": "write"})).await.json()["token"]
+            .as_str()
+            .expect("token")
+            .to_string();
+    assert_eq!(
+        gw.json("POST", "/v1/workspaces", Some(ADMIN), json!({"name": "other"})).await.status,
+        StatusCode::CREATED
+    );
 
     // read token: reads its workspace, cannot write, cannot see others, cannot administer
     let r = gw.call("GET", "/v1/workspaces/demo/versions/1/files/README.md", Some(&read), &[], Body::empty()).await;
@@ -136,7 +146,14 @@ async fn tokens_and_rights() {
     assert_eq!(list["workspaces"].as_array().map(Vec::len), Some(1));
 
     // write token commits
-    let r = gw.json("POST", "/v1/workspaces/demo/versions", Some(&write), json!({"parent_version": 1, "changes": [{"path": "link", "kind": "delete"}]})).await;
+    let r = gw
+        .json(
+            "POST",
+            "/v1/workspaces/demo/versions",
+            Some(&write),
+            json!({"parent_version": 1, "changes": [{"path": "link", "kind": "delete"}]}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["author"], "token:demo");
     // a workspace token cannot be admin
@@ -176,7 +193,10 @@ async fn single_file_get() {
     assert_eq!((r.status, r.body.as_slice()), (StatusCode::OK, b"hello world".as_slice()));
     assert_eq!(r.headers["x-podfs-version"], "1");
     let r = gw.get(&format!("{base}/1/files/link"), &[]).await;
-    assert_eq!((r.body.as_slice(), r.headers["x-podfs-kind"].to_str().ok()), (b"README.md".as_slice(), Some("symlink")));
+    assert_eq!(
+        (r.body.as_slice(), r.headers["x-podfs-kind"].to_str().ok()),
+        (b"README.md".as_slice(), Some("symlink"))
+    );
 
     for (uri, status) in [
         (format!("{base}/1/files/nope.txt"), StatusCode::NOT_FOUND),
@@ -199,13 +219,37 @@ async fn bad_input_changes_nothing() {
     let readme = ContentHash::of(b"hello world");
     let commit = |changes: Value, parent: u64| json!({"parent_version": parent, "changes": changes});
     let cases = [
-        (commit(json!([{"path": "../escape", "kind": "file", "hash": readme, "size": 11, "mode": 420}]), 1), "bad_request"),
-        (commit(json!([{"path": "/etc/passwd", "kind": "file", "hash": readme, "size": 11, "mode": 420}]), 1), "bad_request"),
-        (commit(json!([{"path": "a\u{0}b", "kind": "file", "hash": readme, "size": 11, "mode": 420}]), 1), "bad_request"),
-        (commit(json!([{"path": "x".repeat(300), "kind": "file", "hash": readme, "size": 11, "mode": 420}]), 1), "bad_request"),
-        (commit(json!([{"path": "new.txt", "kind": "file", "hash": ContentHash::of(b"never uploaded"), "size": 14, "mode": 420}]), 1), "missing_blobs"),
-        (commit(json!([{"path": "README.md/inner", "kind": "file", "hash": readme, "size": 11, "mode": 420}]), 1), "bad_request"),
-        (commit(json!([{"path": "nodir/f", "kind": "file", "hash": readme, "size": 11, "mode": 420}]), 1), "bad_request"),
+        (
+            commit(json!([{"path": "../escape", "kind": "file", "hash": readme, "size": 11, "mode": 420}]), 1),
+            "bad_request",
+        ),
+        (
+            commit(json!([{"path": "/etc/passwd", "kind": "file", "hash": readme, "size": 11, "mode": 420}]), 1),
+            "bad_request",
+        ),
+        (
+            commit(json!([{"path": "a\u{0}b", "kind": "file", "hash": readme, "size": 11, "mode": 420}]), 1),
+            "bad_request",
+        ),
+        (
+            commit(json!([{"path": "x".repeat(300), "kind": "file", "hash": readme, "size": 11, "mode": 420}]), 1),
+            "bad_request",
+        ),
+        (
+            commit(
+                json!([{"path": "new.txt", "kind": "file", "hash": ContentHash::of(b"never uploaded"), "size": 14, "mode": 420}]),
+                1,
+            ),
+            "missing_blobs",
+        ),
+        (
+            commit(json!([{"path": "README.md/inner", "kind": "file", "hash": readme, "size": 11, "mode": 420}]), 1),
+            "bad_request",
+        ),
+        (
+            commit(json!([{"path": "nodir/f", "kind": "file", "hash": readme, "size": 11, "mode": 420}]), 1),
+            "bad_request",
+        ),
         (commit(json!([{"path": "README.md", "kind": "delete"}]), 0), "conflict"),
         (commit(json!([]), 1), "bad_request"),
         (json!({"changes": "nope"}), "bad_request"),
@@ -225,7 +269,9 @@ async fn bad_input_changes_nothing() {
 
     // wrong bytes under a hash: refused, and the blob is still missing
     let claimed = ContentHash::of(b"the real content");
-    let r = gw.call("PUT", &format!("/v1/workspaces/demo/blobs/{claimed}"), Some(ADMIN), &[], Body::from("forged content")).await;
+    let r = gw
+        .call("PUT", &format!("/v1/workspaces/demo/blobs/{claimed}"), Some(ADMIN), &[], Body::from("forged content"))
+        .await;
     assert_eq!((r.status, r.code().as_str()), (StatusCode::BAD_REQUEST, "hash_mismatch"));
     let r = gw.json("POST", "/v1/workspaces/demo/blobs/missing", Some(ADMIN), json!({"hashes": [claimed]})).await;
     assert_eq!(r.json()["missing"], json!([claimed]));
@@ -235,7 +281,8 @@ async fn bad_input_changes_nothing() {
     // nothing changed: still version 1 with the same tree
     assert_eq!(gw.head_version("demo").await, 1);
     let m = gw.get("/v1/workspaces/demo/versions/head/manifest", &[]).await.json();
-    let paths: Vec<&str> = m["entries"].as_array().expect("entries").iter().filter_map(|e| e["path"].as_str()).collect();
+    let paths: Vec<&str> =
+        m["entries"].as_array().expect("entries").iter().filter_map(|e| e["path"].as_str()).collect();
     assert_eq!(paths, ["README.md", "link", "src", "src/run.sh"]);
 }
 
@@ -246,15 +293,31 @@ async fn oversized_bodies_are_refused() {
         c.max_blob_size = 1024;
     })
     .await;
-    assert_eq!(gw.json("POST", "/v1/workspaces", Some(ADMIN), json!({"name": "demo"})).await.status, StatusCode::CREATED);
+    assert_eq!(
+        gw.json("POST", "/v1/workspaces", Some(ADMIN), json!({"name": "demo"})).await.status,
+        StatusCode::CREATED
+    );
     let big = vec![b'x'; 2048];
-    let r = gw.call("PUT", &format!("/v1/workspaces/demo/blobs/{}", ContentHash::of(&big)), Some(ADMIN), &[], Body::from(big.clone())).await;
+    let r = gw
+        .call(
+            "PUT",
+            &format!("/v1/workspaces/demo/blobs/{}", ContentHash::of(&big)),
+            Some(ADMIN),
+            &[],
+            Body::from(big.clone()),
+        )
+        .await;
     assert_eq!((r.status, r.code().as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"));
-    let r = gw.json("POST", "/v1/workspaces/demo/blobs/missing", Some(ADMIN), json!({"hashes": [ContentHash::of(&big)]})).await;
+    let r = gw
+        .json("POST", "/v1/workspaces/demo/blobs/missing", Some(ADMIN), json!({"hashes": [ContentHash::of(&big)]}))
+        .await;
     assert_eq!(r.json()["missing"].as_array().map(Vec::len), Some(1), "the refused blob must not be stored");
-    let changes: Vec<Value> =
-        (0..2000).map(|i| json!({"path": format!("f{i}"), "kind": "file", "hash": ContentHash::of(b""), "size": 0, "mode": 420})).collect();
-    let r = gw.json("POST", "/v1/workspaces/demo/versions", Some(ADMIN), json!({"parent_version": 0, "changes": changes})).await;
+    let changes: Vec<Value> = (0..2000)
+        .map(|i| json!({"path": format!("f{i}"), "kind": "file", "hash": ContentHash::of(b""), "size": 0, "mode": 420}))
+        .collect();
+    let r = gw
+        .json("POST", "/v1/workspaces/demo/versions", Some(ADMIN), json!({"parent_version": 0, "changes": changes}))
+        .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
     let hashes: Vec<ContentHash> = (0..10_001u32).map(|i| ContentHash::of(&i.to_le_bytes())).collect();
     let gw2 = gateway().await;
@@ -269,10 +332,15 @@ async fn trees_diffs_history_and_blob_downloads() {
     let gw = demo().await;
     let v2 = gw.upload("demo", b"changed").await;
     let r = gw
-        .json("POST", "/v1/workspaces/demo/versions", Some(ADMIN), json!({"parent_version": 1, "changes": [
-            {"path": "README.md", "kind": "file", "hash": v2, "size": 7, "mode": 420},
-            {"path": "link", "kind": "delete"},
-        ]}))
+        .json(
+            "POST",
+            "/v1/workspaces/demo/versions",
+            Some(ADMIN),
+            json!({"parent_version": 1, "changes": [
+                {"path": "README.md", "kind": "file", "hash": v2, "size": 7, "mode": 420},
+                {"path": "link", "kind": "delete"},
+            ]}),
+        )
         .await;
     assert_eq!(r.status, StatusCode::CREATED);
     let d = gw.get("/v1/workspaces/demo/diff?from=1&to=head", &[]).await.json();
@@ -327,5 +395,8 @@ fn openapi_document_is_committed() {
         std::fs::write(&path, &generated).expect("write docs/openapi.json");
     }
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(committed == generated, "docs/openapi.json is stale: regenerate it with PODFS_UPDATE_OPENAPI=1 (see this test's doc)");
+    assert!(
+        committed == generated,
+        "docs/openapi.json is stale: regenerate it with PODFS_UPDATE_OPENAPI=1 (see this test's doc)"
+    );
 }

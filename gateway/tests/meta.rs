@@ -100,20 +100,12 @@ where
     let file = dir.path().join("meta.db");
     body(format!("sqlite://{}", file.display())).await;
     // The store put the file in WAL mode (a property of the file, so a fresh connection sees it).
-    assert!(
-        wal_mode(&file).await,
-        "the store must run SQLite in WAL mode"
-    );
+    assert!(wal_mode(&file).await, "the store must run SQLite in WAL mode");
 }
 
 async fn wal_mode(file: &std::path::Path) -> bool {
-    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", file.display()))
-        .await
-        .unwrap();
-    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", file.display())).await.unwrap();
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut conn).await.unwrap();
     mode == "wal"
 }
 
@@ -123,29 +115,18 @@ where
     F: FnOnce(String) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let admin = std::env::var("PODFS_TEST_DATABASE_URL")
-        .or_else(|_| std::env::var("DATABASE_URL"))
-        .unwrap_or_else(|_| {
-            panic!(
-                "PostgreSQL tests need a server: set PODFS_TEST_DATABASE_URL or run scripts/dev-services up"
-            )
+    let admin =
+        std::env::var("PODFS_TEST_DATABASE_URL").or_else(|_| std::env::var("DATABASE_URL")).unwrap_or_else(|_| {
+            panic!("PostgreSQL tests need a server: set PODFS_TEST_DATABASE_URL or run scripts/dev-services up")
         });
     let name = format!("podfs_t_{}", hex::encode(rand::random::<[u8; 8]>()));
     let mut conn = sqlx::PgConnection::connect(&admin)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {admin}: {e}"));
-    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .await
-        .unwrap();
-    let outcome = AssertUnwindSafe(body(with_database(&admin, &name)))
-        .catch_unwind()
-        .await;
+    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).await.unwrap();
+    let outcome = AssertUnwindSafe(body(with_database(&admin, &name))).catch_unwind().await;
     // Best effort: a leftover database is harmless.
-    let _ = conn
-        .execute(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        )))
-        .await;
+    let _ = conn.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).await;
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
@@ -158,9 +139,7 @@ fn with_database(admin: &str, name: &str) -> String {
         None => (admin, String::new()),
     };
     let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let authority_end = base[authority_start..]
-        .find('/')
-        .map_or(base.len(), |i| authority_start + i);
+    let authority_end = base[authority_start..].find('/').map_or(base.len(), |i| authority_start + i);
     format!("{}/{name}{query}", &base[..authority_end])
 }
 
@@ -186,34 +165,21 @@ async fn reopen_keeps_data(url: String) {
     drop(first);
     let second = MetaStore::connect(&url).await.unwrap();
     let again = second.workspace("kept").await.unwrap();
-    assert_eq!(
-        (again.id, again.info.head, again.info.file_count),
-        (ws.id, 1, 1)
-    );
+    assert_eq!((again.id, again.info.head, again.info.file_count), (ws.id, 1, 1));
     assert_eq!(paths(&tree(&second, &again, 1).await), ["f"]);
 }
 
 #[tokio::test]
 async fn connect_refuses_unsupported_urls() {
-    for url in [
-        "mysql://localhost/x",
-        "sqlite::memory:",
-        "sqlite://x.db?mode=memory",
-        "no-scheme",
-    ] {
-        assert!(
-            matches!(MetaStore::connect(url).await, Err(MetaError::Invalid(_))),
-            "{url}"
-        );
+    for url in ["mysql://localhost/x", "sqlite::memory:", "sqlite://x.db?mode=memory", "no-scheme"] {
+        assert!(matches!(MetaStore::connect(url).await, Err(MetaError::Invalid(_))), "{url}");
     }
 }
 
 #[tokio::test]
 async fn unreachable_database_is_unavailable() {
     // Nothing listens on port 1.
-    let err = MetaStore::connect("postgres://postgres@127.0.0.1:1/podfs")
-        .await
-        .unwrap_err();
+    let err = MetaStore::connect("postgres://postgres@127.0.0.1:1/podfs").await.unwrap_err();
     assert!(matches!(err, MetaError::Unavailable(_)), "{err:?}");
 }
 
@@ -229,23 +195,11 @@ fn h(content: &str) -> ContentHash {
 }
 
 fn file_entry(path: &str, content: &str) -> Entry {
-    Entry {
-        path: p(path),
-        kind: EntryKind::File,
-        hash: Some(h(content)),
-        size: content.len() as u64,
-        mode: 0o644,
-    }
+    Entry { path: p(path), kind: EntryKind::File, hash: Some(h(content)), size: content.len() as u64, mode: 0o644 }
 }
 
 fn dir_entry(path: &str) -> Entry {
-    Entry {
-        path: p(path),
-        kind: EntryKind::Dir,
-        hash: None,
-        size: 0,
-        mode: 0o755,
-    }
+    Entry { path: p(path), kind: EntryKind::Dir, hash: None, size: 0, mode: 0o755 }
 }
 
 fn file(path: &str, content: &str) -> Change {
@@ -263,13 +217,7 @@ fn symlink(path: &str, target: &str) -> Change {
 }
 
 fn dir(path: &str) -> Change {
-    Change::Put(Entry {
-        path: p(path),
-        kind: EntryKind::Dir,
-        hash: None,
-        size: 0,
-        mode: 0o755,
-    })
+    Change::Put(Entry { path: p(path), kind: EntryKind::Dir, hash: None, size: 0, mode: 0o755 })
 }
 
 fn del(path: &str) -> Change {
@@ -278,20 +226,12 @@ fn del(path: &str) -> Change {
 
 async fn record(store: &MetaStore, contents: &[&str]) {
     for c in contents {
-        store
-            .record_blob(&h(c), c.len() as u64, c.len() as u64)
-            .await
-            .unwrap();
+        store.record_blob(&h(c), c.len() as u64, c.len() as u64).await.unwrap();
     }
 }
 
 fn input(parent: u64, changes: Vec<Change>) -> CommitInput {
-    CommitInput {
-        parent_version: parent,
-        message: format!("on {parent}"),
-        author: "tester".into(),
-        changes,
-    }
+    CommitInput { parent_version: parent, message: format!("on {parent}"), author: "tester".into(), changes }
 }
 
 /// Commits on the current head; panics on failure.
@@ -336,10 +276,7 @@ async fn snapshot(store: &MetaStore, ws: &WorkspaceRow) -> Snapshot {
         head: row.info.head,
         file_count: row.info.file_count,
         total_bytes: row.info.total_bytes,
-        versions: versions
-            .iter()
-            .map(|v| (v.version, v.changes, v.file_count))
-            .collect(),
+        versions: versions.iter().map(|v| (v.version, v.changes, v.file_count)).collect(),
         tree: tree(store, ws, row.info.head).await,
         rows: store.entry_rows(ws.id).await.unwrap(),
     }
@@ -352,32 +289,12 @@ async fn case_workspace_crud(store: MetaStore) {
     let b = store.create_workspace("beta").await.unwrap();
     let a = store.create_workspace("alpha").await.unwrap();
     assert_ne!(a.id, b.id);
-    assert_eq!(
-        (
-            a.info.name.as_str(),
-            a.info.head,
-            a.info.file_count,
-            a.info.total_bytes
-        ),
-        ("alpha", 0, 0, 0)
-    );
-    time::OffsetDateTime::parse(
-        &a.info.created_at,
-        &time::format_description::well_known::Rfc3339,
-    )
-    .unwrap();
+    assert_eq!((a.info.name.as_str(), a.info.head, a.info.file_count, a.info.total_bytes), ("alpha", 0, 0, 0));
+    time::OffsetDateTime::parse(&a.info.created_at, &time::format_description::well_known::Rfc3339).unwrap();
 
-    assert!(
-        matches!(store.create_workspace("alpha").await, Err(MetaError::Conflict(m)) if m.contains("alpha"))
-    );
+    assert!(matches!(store.create_workspace("alpha").await, Err(MetaError::Conflict(m)) if m.contains("alpha")));
 
-    let names: Vec<String> = store
-        .list_workspaces()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|w| w.info.name)
-        .collect();
+    let names: Vec<String> = store.list_workspaces().await.unwrap().into_iter().map(|w| w.info.name).collect();
     assert_eq!(names, ["alpha", "beta"]);
     let got = store.workspace("beta").await.unwrap();
     assert_eq!((got.id, got.info.head), (b.id, 0));
@@ -385,22 +302,14 @@ async fn case_workspace_crud(store: MetaStore) {
 
     // An empty workspace has no version to resolve.
     assert!(not_found(store.resolve_version(&a, VersionRef::Head).await));
-    assert!(not_found(
-        store.resolve_version(&a, VersionRef::Number(1)).await
-    ));
+    assert!(not_found(store.resolve_version(&a, VersionRef::Number(1)).await));
     assert!(tree(&store, &a, 0).await.is_empty());
     assert!(store.list_dir(a.id, 0, None).await.unwrap().is_empty());
 
     store.delete_workspace("alpha").await.unwrap();
     assert!(not_found(store.workspace("alpha").await));
     assert!(not_found(store.delete_workspace("alpha").await));
-    let names: Vec<String> = store
-        .list_workspaces()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|w| w.info.name)
-        .collect();
+    let names: Vec<String> = store.list_workspaces().await.unwrap().into_iter().map(|w| w.info.name).collect();
     assert_eq!(names, ["beta"]);
     // The name is free again, under a new id.
     let again = store.create_workspace("alpha").await.unwrap();
@@ -411,47 +320,22 @@ async fn case_commit_and_tree_at_every_version(store: MetaStore) {
     let ws = store.create_workspace("demo").await.unwrap();
     record(&store, &["a1", "a2", "b1", "readme"]).await;
 
-    let v1 = commit(
-        &store,
-        &ws,
-        vec![file("src/a.rs", "a1"), dir("src"), file("README", "readme")],
-    )
-    .await;
+    let v1 = commit(&store, &ws, vec![file("src/a.rs", "a1"), dir("src"), file("README", "readme")]).await;
     assert_eq!((v1.version, v1.parent, v1.changes), (1, None, 3));
-    assert_eq!(
-        (
-            v1.workspace.as_str(),
-            v1.message.as_str(),
-            v1.author.as_str()
-        ),
-        ("demo", "on 0", "tester")
-    );
-    let v2 = commit(
-        &store,
-        &ws,
-        vec![file("src/a.rs", "a2"), file("src/b.rs", "b1")],
-    )
-    .await;
+    assert_eq!((v1.workspace.as_str(), v1.message.as_str(), v1.author.as_str()), ("demo", "on 0", "tester"));
+    let v2 = commit(&store, &ws, vec![file("src/a.rs", "a2"), file("src/b.rs", "b1")]).await;
     assert_eq!((v2.version, v2.parent, v2.changes), (2, Some(1), 2));
     let v3 = commit(&store, &ws, vec![del("README")]).await;
     assert_eq!((v3.version, v3.parent, v3.changes), (3, Some(2), 1));
 
-    let t1 = vec![
-        file_entry("README", "readme"),
-        dir_entry("src"),
-        file_entry("src/a.rs", "a1"),
-    ];
+    let t1 = vec![file_entry("README", "readme"), dir_entry("src"), file_entry("src/a.rs", "a1")];
     let t2 = vec![
         file_entry("README", "readme"),
         dir_entry("src"),
         file_entry("src/a.rs", "a2"),
         file_entry("src/b.rs", "b1"),
     ];
-    let t3 = vec![
-        dir_entry("src"),
-        file_entry("src/a.rs", "a2"),
-        file_entry("src/b.rs", "b1"),
-    ];
+    let t3 = vec![dir_entry("src"), file_entry("src/a.rs", "a2"), file_entry("src/b.rs", "b1")];
     assert_eq!(tree(&store, &ws, 1).await, t1);
     assert_eq!(tree(&store, &ws, 2).await, t2);
     assert_eq!(tree(&store, &ws, 3).await, t3);
@@ -460,18 +344,9 @@ async fn case_commit_and_tree_at_every_version(store: MetaStore) {
     let beyond: Result<Vec<Entry>, MetaError> = store.tree(ws.id, 4).try_collect().await;
     assert!(not_found(beyond));
 
-    assert_eq!(
-        store.entry(ws.id, 1, &p("src/a.rs")).await.unwrap(),
-        Some(file_entry("src/a.rs", "a1"))
-    );
-    assert_eq!(
-        store.entry(ws.id, 3, &p("src/a.rs")).await.unwrap(),
-        Some(file_entry("src/a.rs", "a2"))
-    );
-    assert_eq!(
-        store.entry(ws.id, 2, &p("README")).await.unwrap(),
-        Some(file_entry("README", "readme"))
-    );
+    assert_eq!(store.entry(ws.id, 1, &p("src/a.rs")).await.unwrap(), Some(file_entry("src/a.rs", "a1")));
+    assert_eq!(store.entry(ws.id, 3, &p("src/a.rs")).await.unwrap(), Some(file_entry("src/a.rs", "a2")));
+    assert_eq!(store.entry(ws.id, 2, &p("README")).await.unwrap(), Some(file_entry("README", "readme")));
     assert_eq!(store.entry(ws.id, 3, &p("README")).await.unwrap(), None);
     assert_eq!(store.entry(ws.id, 1, &p("src/b.rs")).await.unwrap(), None);
 
@@ -487,11 +362,7 @@ async fn case_versions_log(store: MetaStore) {
     let ws = store.create_workspace("log").await.unwrap();
     record(&store, &["1", "2", "3", "4", "5"]).await;
     for (i, content) in ["1", "2", "3", "4", "5"].iter().enumerate() {
-        let message = if i == 2 {
-            String::new()
-        } else {
-            format!("commit ✓ {content}")
-        };
+        let message = if i == 2 { String::new() } else { format!("commit ✓ {content}") };
         let info = store
             .commit(
                 &ws,
@@ -507,56 +378,26 @@ async fn case_versions_log(store: MetaStore) {
         assert_eq!(info.version, i as u64 + 1);
     }
     let numbers = |vs: Vec<VersionInfo>| vs.into_iter().map(|v| v.version).collect::<Vec<_>>();
-    assert_eq!(
-        numbers(store.versions(&ws, 100, None).await.unwrap()),
-        [5, 4, 3, 2, 1]
-    );
+    assert_eq!(numbers(store.versions(&ws, 100, None).await.unwrap()), [5, 4, 3, 2, 1]);
     assert_eq!(numbers(store.versions(&ws, 2, None).await.unwrap()), [5, 4]);
-    assert_eq!(
-        numbers(store.versions(&ws, 2, Some(4)).await.unwrap()),
-        [3, 2]
-    );
+    assert_eq!(numbers(store.versions(&ws, 2, Some(4)).await.unwrap()), [3, 2]);
     assert!(store.versions(&ws, 10, Some(1)).await.unwrap().is_empty());
 
     let v3 = store.version(&ws, 3).await.unwrap();
-    assert_eq!(
-        (
-            v3.version,
-            v3.parent,
-            v3.message.as_str(),
-            v3.author.as_str()
-        ),
-        (3, Some(2), "", "Zoë <z@x>")
-    );
+    assert_eq!((v3.version, v3.parent, v3.message.as_str(), v3.author.as_str()), (3, Some(2), "", "Zoë <z@x>"));
     assert_eq!(store.version(&ws, 4).await.unwrap().message, "commit ✓ 4");
     assert_eq!(store.version(&ws, 1).await.unwrap().parent, None);
-    time::OffsetDateTime::parse(
-        &v3.created_at,
-        &time::format_description::well_known::Rfc3339,
-    )
-    .unwrap();
+    time::OffsetDateTime::parse(&v3.created_at, &time::format_description::well_known::Rfc3339).unwrap();
     assert!(not_found(store.version(&ws, 6).await));
     assert!(not_found(store.version(&ws, u64::MAX).await));
 
     // The head is re-read from the database, not taken from the (stale) row.
     assert_eq!(ws.info.head, 0);
-    assert_eq!(
-        store.resolve_version(&ws, VersionRef::Head).await.unwrap(),
-        5
-    );
-    assert_eq!(
-        store
-            .resolve_version(&ws, VersionRef::Number(3))
-            .await
-            .unwrap(),
-        3
-    );
+    assert_eq!(store.resolve_version(&ws, VersionRef::Head).await.unwrap(), 5);
+    assert_eq!(store.resolve_version(&ws, VersionRef::Number(3)).await.unwrap(), 3);
     for bad in [0, 6, u64::MAX] {
         assert!(
-            matches!(
-                store.resolve_version(&ws, VersionRef::Number(bad)).await,
-                Err(MetaError::NotFound(_))
-            ),
+            matches!(store.resolve_version(&ws, VersionRef::Number(bad)).await, Err(MetaError::NotFound(_))),
             "{bad}"
         );
     }
@@ -568,26 +409,10 @@ async fn case_diff_lists_exactly_the_changes(store: MetaStore) {
     commit(
         &store,
         &ws,
-        vec![
-            dir("d"),
-            file("d/keep", "k"),
-            file("d/mod", "m1"),
-            file("d/gone", "g"),
-            file("flip", "f1"),
-        ],
+        vec![dir("d"), file("d/keep", "k"), file("d/mod", "m1"), file("d/gone", "g"), file("flip", "f1")],
     )
     .await;
-    commit(
-        &store,
-        &ws,
-        vec![
-            file("d/mod", "m2"),
-            del("d/gone"),
-            file("d/new", "n"),
-            file("flip", "f2"),
-        ],
-    )
-    .await;
+    commit(&store, &ws, vec![file("d/mod", "m2"), del("d/gone"), file("d/new", "n"), file("flip", "f2")]).await;
     commit(&store, &ws, vec![file("flip", "f1"), file("tmp", "t")]).await; // flip changed back
     commit(&store, &ws, vec![del("tmp")]).await; // tmp added and removed
     let mut chmod = file_entry("d/keep", "k");
@@ -596,14 +421,7 @@ async fn case_diff_lists_exactly_the_changes(store: MetaStore) {
 
     let summary = |d: Vec<DiffEntry>| {
         d.into_iter()
-            .map(|e| {
-                (
-                    e.path,
-                    e.change,
-                    e.old.and_then(|o| o.hash),
-                    e.new.and_then(|n| n.hash),
-                )
-            })
+            .map(|e| (e.path, e.change, e.old.and_then(|o| o.hash), e.new.and_then(|n| n.hash)))
             .collect::<Vec<_>>()
     };
     use DiffKind::*;
@@ -618,10 +436,7 @@ async fn case_diff_lists_exactly_the_changes(store: MetaStore) {
     );
     assert_eq!(
         summary(store.diff(ws.id, 2, 3).await.unwrap()),
-        [
-            ("flip".into(), Modified, Some(h("f2")), Some(h("f1"))),
-            ("tmp".into(), Added, None, Some(h("t")))
-        ]
+        [("flip".into(), Modified, Some(h("f2")), Some(h("f1"))), ("tmp".into(), Added, None, Some(h("t")))]
     );
     let without_flip = [
         ("d/gone".into(), Deleted, Some(h("g")), None),
@@ -633,10 +448,7 @@ async fn case_diff_lists_exactly_the_changes(store: MetaStore) {
     with_tmp.push(("tmp".into(), Added, None, Some(h("t"))));
     assert_eq!(summary(store.diff(ws.id, 1, 3).await.unwrap()), with_tmp);
     // ...and tmp, added then deleted in between, is not listed either.
-    assert_eq!(
-        summary(store.diff(ws.id, 1, 4).await.unwrap()),
-        without_flip
-    );
+    assert_eq!(summary(store.diff(ws.id, 1, 4).await.unwrap()), without_flip);
     assert_eq!(
         summary(store.diff(ws.id, 2, 4).await.unwrap()),
         [("flip".into(), Modified, Some(h("f2")), Some(h("f1")))]
@@ -653,16 +465,10 @@ async fn case_diff_lists_exactly_the_changes(store: MetaStore) {
 
     // From the empty version 0, everything is added.
     let all = store.diff(ws.id, 0, 1).await.unwrap();
-    assert_eq!(
-        all.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
-        ["d", "d/gone", "d/keep", "d/mod", "flip"]
-    );
+    assert_eq!(all.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(), ["d", "d/gone", "d/keep", "d/mod", "flip"]);
     assert!(all.iter().all(|e| e.change == Added && e.old.is_none()));
 
-    assert!(matches!(
-        store.diff(ws.id, 3, 2).await,
-        Err(MetaError::Invalid(_))
-    ));
+    assert!(matches!(store.diff(ws.id, 3, 2).await, Err(MetaError::Invalid(_))));
 }
 
 async fn case_stale_parent_conflicts_and_changes_nothing(store: MetaStore) {
@@ -672,10 +478,7 @@ async fn case_stale_parent_conflicts_and_changes_nothing(store: MetaStore) {
     let before = snapshot(&store, &ws).await;
 
     for parent in [0, 2, 7] {
-        let err = store
-            .commit(&ws, input(parent, vec![file("g", "2")]))
-            .await
-            .unwrap_err();
+        let err = store.commit(&ws, input(parent, vec![file("g", "2")])).await.unwrap_err();
         assert!(
             matches!(&err, MetaError::Conflict(m) if m.contains(&format!("parent version {parent}")) && m.contains("head is 1")),
             "{err:?}"
@@ -684,14 +487,7 @@ async fn case_stale_parent_conflicts_and_changes_nothing(store: MetaStore) {
     assert_eq!(snapshot(&store, &ws).await, before);
 
     // The right parent still works afterwards.
-    assert_eq!(
-        store
-            .commit(&ws, input(1, vec![file("g", "2")]))
-            .await
-            .unwrap()
-            .version,
-        2
-    );
+    assert_eq!(store.commit(&ws, input(1, vec![file("g", "2")])).await.unwrap().version, 2);
 }
 
 async fn case_missing_blobs_change_nothing(store: MetaStore) {
@@ -700,10 +496,7 @@ async fn case_missing_blobs_change_nothing(store: MetaStore) {
 
     // On an empty workspace: the head stays 0.
     let err = commit_err(&store, &ws, vec![file("a", "u1")]).await;
-    assert!(
-        matches!(&err, MetaError::MissingBlobs(m) if m == &[h("u1")]),
-        "{err:?}"
-    );
+    assert!(matches!(&err, MetaError::MissingBlobs(m) if m == &[h("u1")]), "{err:?}");
     assert_eq!(store.workspace("missing").await.unwrap().info.head, 0);
     assert!(store.versions(&ws, 10, None).await.unwrap().is_empty());
 
@@ -722,87 +515,37 @@ async fn case_missing_blobs_change_nothing(store: MetaStore) {
     )
     .await;
     // Each missing hash once, in path order.
-    assert!(
-        matches!(&err, MetaError::MissingBlobs(m) if m == &[h("u1"), h("u2"), h("u3")]),
-        "{err:?}"
-    );
+    assert!(matches!(&err, MetaError::MissingBlobs(m) if m == &[h("u1"), h("u2"), h("u3")]), "{err:?}");
     assert_eq!(snapshot(&store, &ws).await, before);
 
     record(&store, &["u1", "u2", "u3"]).await;
-    let v = commit(
-        &store,
-        &ws,
-        vec![
-            file("c_u2", "u2"),
-            file("a_u1", "u1"),
-            symlink("e_u3", "u3"),
-        ],
-    )
-    .await;
+    let v = commit(&store, &ws, vec![file("c_u2", "u2"), file("a_u1", "u1"), symlink("e_u3", "u3")]).await;
     assert_eq!(v.version, 2);
 }
 
 async fn case_tree_rule_violations_change_nothing(store: MetaStore) {
     let ws = store.create_workspace("rules").await.unwrap();
     record(&store, &["x", "y"]).await;
-    commit(
-        &store,
-        &ws,
-        vec![
-            dir("d"),
-            file("d/f", "x"),
-            file("top", "x"),
-            dir("empty"),
-            symlink("link", "y"),
-        ],
-    )
-    .await;
+    commit(&store, &ws, vec![dir("d"), file("d/f", "x"), file("top", "x"), dir("empty"), symlink("link", "y")]).await;
     let before = snapshot(&store, &ws).await;
 
     let cases: Vec<(&str, Vec<Change>, &str)> = vec![
         ("file under a file", vec![file("top/x", "x")], "top/x"),
         ("file under a symlink", vec![file("link/x", "x")], "link/x"),
         ("delete of a non-empty dir", vec![del("d")], "d"),
-        (
-            "dir replaced by a file while it has children",
-            vec![file("d", "x")],
-            "d",
-        ),
+        ("dir replaced by a file while it has children", vec![file("d", "x")], "d"),
         ("missing parent dir", vec![file("nodir/x", "x")], "nodir"),
-        (
-            "missing intermediate dir",
-            vec![dir("a"), file("a/b/c", "x")],
-            "a/b",
-        ),
-        (
-            "parent deleted in the same commit",
-            vec![del("empty"), file("empty/x", "x")],
-            "empty/x",
-        ),
+        ("missing intermediate dir", vec![dir("a"), file("a/b/c", "x")], "a/b"),
+        ("parent deleted in the same commit", vec![del("empty"), file("empty/x", "x")], "empty/x"),
         ("delete of an absent path", vec![del("nope")], "nope"),
-        (
-            "valid change plus a bad one",
-            vec![file("ok", "x"), del("nope")],
-            "nope",
-        ),
-        (
-            "duplicate path",
-            vec![file("dup", "x"), file("dup", "y")],
-            "dup",
-        ),
-        (
-            "duplicate path, put and delete",
-            vec![file("top", "y"), del("top")],
-            "top",
-        ),
+        ("valid change plus a bad one", vec![file("ok", "x"), del("nope")], "nope"),
+        ("duplicate path", vec![file("dup", "x"), file("dup", "y")], "dup"),
+        ("duplicate path, put and delete", vec![file("top", "y"), del("top")], "top"),
         ("empty commit", vec![], "at least one change"),
     ];
     for (what, changes, named) in cases {
         let err = commit_err(&store, &ws, changes).await;
-        assert!(
-            matches!(&err, MetaError::Invalid(m) if m.contains(named)),
-            "{what}: {err:?}"
-        );
+        assert!(matches!(&err, MetaError::Invalid(m) if m.contains(named)), "{what}: {err:?}");
         assert_eq!(snapshot(&store, &ws).await, before, "{what}");
     }
 }
@@ -813,58 +556,22 @@ async fn case_tree_rules_allow_valid_restructuring(store: MetaStore) {
     commit(
         &store,
         &ws,
-        vec![
-            dir("d"),
-            dir("d/e"),
-            file("d/e/f", "x"),
-            file("d/g", "x"),
-            file("top", "x"),
-            dir("empty"),
-        ],
+        vec![dir("d"), dir("d/e"), file("d/e/f", "x"), file("d/g", "x"), file("top", "x"), dir("empty")],
     )
     .await;
 
     // A directory deleted together with everything below it.
-    commit(
-        &store,
-        &ws,
-        vec![del("d/e/f"), del("d/e"), del("d/g"), del("d")],
-    )
-    .await;
+    commit(&store, &ws, vec![del("d/e/f"), del("d/e"), del("d/g"), del("d")]).await;
     // Nested directories and a file created in one commit.
     commit(&store, &ws, vec![file("a/b/c", "x"), dir("a/b"), dir("a")]).await;
     // A file replaced by a directory with a child; an empty directory replaced by a file.
-    commit(
-        &store,
-        &ws,
-        vec![dir("top"), file("top/inner", "x"), file("empty", "x")],
-    )
-    .await;
+    commit(&store, &ws, vec![dir("top"), file("top/inner", "x"), file("empty", "x")]).await;
 
     let head = store.resolve_version(&ws, VersionRef::Head).await.unwrap();
     assert_eq!(head, 4);
-    assert_eq!(
-        paths(&tree(&store, &ws, head).await),
-        ["a", "a/b", "a/b/c", "empty", "top", "top/inner"]
-    );
-    assert_eq!(
-        store
-            .entry(ws.id, head, &p("top"))
-            .await
-            .unwrap()
-            .unwrap()
-            .kind,
-        EntryKind::Dir
-    );
-    assert_eq!(
-        store
-            .entry(ws.id, head, &p("empty"))
-            .await
-            .unwrap()
-            .unwrap()
-            .kind,
-        EntryKind::File
-    );
+    assert_eq!(paths(&tree(&store, &ws, head).await), ["a", "a/b", "a/b/c", "empty", "top", "top/inner"]);
+    assert_eq!(store.entry(ws.id, head, &p("top")).await.unwrap().unwrap().kind, EntryKind::Dir);
+    assert_eq!(store.entry(ws.id, head, &p("empty")).await.unwrap().unwrap().kind, EntryKind::File);
 }
 
 async fn case_identical_put_is_a_noop(store: MetaStore) {
@@ -904,32 +611,12 @@ async fn case_list_dir(store: MetaStore) {
     .await;
     commit(&store, &ws, vec![del("src/b"), file("src/0", "x")]).await;
 
-    assert_eq!(
-        paths(&store.list_dir(ws.id, 1, None).await.unwrap()),
-        ["empty", "src", "top"]
-    );
-    assert_eq!(
-        paths(&store.list_dir(ws.id, 1, Some(&p("src"))).await.unwrap()),
-        ["src/a", "src/b", "src/sub"]
-    );
-    assert_eq!(
-        paths(&store.list_dir(ws.id, 2, Some(&p("src"))).await.unwrap()),
-        ["src/0", "src/a", "src/sub"]
-    );
-    assert_eq!(
-        store.list_dir(ws.id, 2, Some(&p("src/sub"))).await.unwrap(),
-        [file_entry("src/sub/c", "x")]
-    );
-    assert!(
-        store
-            .list_dir(ws.id, 2, Some(&p("empty")))
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert!(
-        matches!(store.list_dir(ws.id, 2, Some(&p("top"))).await, Err(MetaError::Invalid(m)) if m.contains("top"))
-    );
+    assert_eq!(paths(&store.list_dir(ws.id, 1, None).await.unwrap()), ["empty", "src", "top"]);
+    assert_eq!(paths(&store.list_dir(ws.id, 1, Some(&p("src"))).await.unwrap()), ["src/a", "src/b", "src/sub"]);
+    assert_eq!(paths(&store.list_dir(ws.id, 2, Some(&p("src"))).await.unwrap()), ["src/0", "src/a", "src/sub"]);
+    assert_eq!(store.list_dir(ws.id, 2, Some(&p("src/sub"))).await.unwrap(), [file_entry("src/sub/c", "x")]);
+    assert!(store.list_dir(ws.id, 2, Some(&p("empty"))).await.unwrap().is_empty());
+    assert!(matches!(store.list_dir(ws.id, 2, Some(&p("top"))).await, Err(MetaError::Invalid(m)) if m.contains("top")));
     assert!(
         matches!(store.list_dir(ws.id, 2, Some(&p("nope"))).await, Err(MetaError::NotFound(m)) if m.contains("nope"))
     );
@@ -946,18 +633,8 @@ async fn case_history_of_one_path(store: MetaStore) {
     commit(&store, &ws, vec![file("f", "3")]).await; // v5
 
     let history = store.history(ws.id, &p("f")).await.unwrap();
-    let got: Vec<_> = history
-        .iter()
-        .map(|r| (r.from_version, r.until_version, r.entry.hash))
-        .collect();
-    assert_eq!(
-        got,
-        [
-            (1, Some(3), Some(h("1"))),
-            (3, Some(4), Some(h("2"))),
-            (5, None, Some(h("3")))
-        ]
-    );
+    let got: Vec<_> = history.iter().map(|r| (r.from_version, r.until_version, r.entry.hash)).collect();
+    assert_eq!(got, [(1, Some(3), Some(h("1"))), (3, Some(4), Some(h("2"))), (5, None, Some(h("3")))]);
     assert!(history.iter().all(|r| r.entry.path == p("f")));
     assert!(not_found(store.history(ws.id, &p("never")).await));
 }
@@ -966,17 +643,8 @@ async fn case_file_count_and_total_bytes(store: MetaStore) {
     let ws = store.create_workspace("counts").await.unwrap();
     record(&store, &["0123456789", "abcde", "b", "xyz", "seven77"]).await;
     // Files and symlinks count, directories do not.
-    let v1 = commit(
-        &store,
-        &ws,
-        vec![
-            dir("d"),
-            file("d/a", "0123456789"),
-            file("b", "abcde"),
-            symlink("l", "b"),
-        ],
-    )
-    .await;
+    let v1 =
+        commit(&store, &ws, vec![dir("d"), file("d/a", "0123456789"), file("b", "abcde"), symlink("l", "b")]).await;
     assert_eq!((v1.file_count, v1.total_bytes), (3, 16));
     let v2 = commit(&store, &ws, vec![file("d/a", "xyz"), del("b")]).await;
     assert_eq!((v2.file_count, v2.total_bytes), (2, 4));
@@ -984,15 +652,9 @@ async fn case_file_count_and_total_bytes(store: MetaStore) {
     assert_eq!((v3.file_count, v3.total_bytes), (2, 10));
 
     let row = store.workspace("counts").await.unwrap();
-    assert_eq!(
-        (row.info.head, row.info.file_count, row.info.total_bytes),
-        (3, 2, 10)
-    );
+    assert_eq!((row.info.head, row.info.file_count, row.info.total_bytes), (3, 2, 10));
     let listed = store.list_workspaces().await.unwrap();
-    assert_eq!(
-        (listed[0].info.file_count, listed[0].info.total_bytes),
-        (2, 10)
-    );
+    assert_eq!((listed[0].info.file_count, listed[0].info.total_bytes), (2, 10));
     let v1 = store.version(&ws, 1).await.unwrap();
     assert_eq!((v1.file_count, v1.total_bytes, v1.changes), (3, 16, 4));
     let v2 = store.version(&ws, 2).await.unwrap();
@@ -1029,11 +691,7 @@ async fn case_concurrent_commits_one_wins(store: MetaStore) {
     let ws = store.create_workspace("race").await.unwrap();
     let contents: Vec<String> = (0..8).map(|i| format!("c{i}")).collect();
     record(&store, &["base"]).await;
-    record(
-        &store,
-        &contents.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await;
+    record(&store, &contents.iter().map(String::as_str).collect::<Vec<_>>()).await;
     commit(&store, &ws, vec![file("base", "base")]).await;
 
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(8));
@@ -1042,12 +700,7 @@ async fn case_concurrent_commits_one_wins(store: MetaStore) {
             let (store, ws, barrier) = (store.clone(), ws.clone(), barrier.clone());
             tokio::spawn(async move {
                 barrier.wait().await;
-                store
-                    .commit(
-                        &ws,
-                        input(1, vec![file(&format!("f{i}"), &format!("c{i}"))]),
-                    )
-                    .await
+                store.commit(&ws, input(1, vec![file(&format!("f{i}"), &format!("c{i}"))])).await
             })
         })
         .collect();
@@ -1066,49 +719,28 @@ async fn case_concurrent_commits_one_wins(store: MetaStore) {
     let head = store.workspace("race").await.unwrap().info;
     assert_eq!((head.head, head.file_count), (2, 2));
     assert_eq!(store.versions(&ws, 10, None).await.unwrap().len(), 2);
-    assert_eq!(
-        paths(&tree(&store, &ws, 2).await),
-        ["base".to_string(), format!("f{}", won[0])]
-    );
+    assert_eq!(paths(&tree(&store, &ws, 2).await), ["base".to_string(), format!("f{}", won[0])]);
 }
 
 async fn case_tokens(store: MetaStore) {
     let a = store.create_workspace("a").await.unwrap();
     let b = store.create_workspace("b").await.unwrap();
-    let t1 = store
-        .create_token(&a, Right::Read, Some("ci"))
-        .await
-        .unwrap();
+    let t1 = store.create_token(&a, Right::Read, Some("ci")).await.unwrap();
     let t2 = store.create_token(&a, Right::Write, None).await.unwrap();
-    let t3 = store
-        .create_token(&b, Right::Admin, Some("ops"))
-        .await
-        .unwrap();
+    let t3 = store.create_token(&b, Right::Admin, Some("ops")).await.unwrap();
     assert_ne!(t1, t2);
     for t in [&t1, &t2, &t3] {
         let hex = t.strip_prefix("pfs_").unwrap();
-        assert!(
-            hex.len() == 64 && hex.bytes().all(|c| c.is_ascii_hexdigit()),
-            "{t}"
-        );
+        assert!(hex.len() == 64 && hex.bytes().all(|c| c.is_ascii_hexdigit()), "{t}");
     }
 
     let r1 = store.token(&t1).await.unwrap().unwrap();
-    assert_eq!(
-        (r1.workspace_id, r1.workspace.as_str(), r1.right),
-        (a.id, "a", Right::Read)
-    );
+    assert_eq!((r1.workspace_id, r1.workspace.as_str(), r1.right), (a.id, "a", Right::Read));
     assert_eq!(store.token(&t2).await.unwrap().unwrap().right, Right::Write);
     let r3 = store.token(&t3).await.unwrap().unwrap();
     assert_eq!((r3.workspace_id, r3.right), (b.id, Right::Admin));
 
-    assert!(
-        store
-            .token(&format!("pfs_{}", "0".repeat(64)))
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(store.token(&format!("pfs_{}", "0".repeat(64))).await.unwrap().is_none());
     assert!(store.token("").await.unwrap().is_none());
     assert!(store.token(&t1[..t1.len() - 1]).await.unwrap().is_none());
 
@@ -1123,10 +755,7 @@ async fn case_blobs_are_idempotent(store: MetaStore) {
     let (h1, h2, h3) = (h("one"), h("two"), h("three"));
     assert!(store.record_blob(&h1, 3, 12).await.unwrap());
     assert!(!store.record_blob(&h1, 3, 12).await.unwrap());
-    assert_eq!(
-        store.missing_blobs(&[h2, h1, h3, h2]).await.unwrap(),
-        [h2, h3]
-    );
+    assert_eq!(store.missing_blobs(&[h2, h1, h3, h2]).await.unwrap(), [h2, h3]);
     assert!(store.record_blob(&h2, 3, 3).await.unwrap());
     assert_eq!(store.missing_blobs(&[h2, h1, h3, h2]).await.unwrap(), [h3]);
     assert!(store.missing_blobs(&[]).await.unwrap().is_empty());
@@ -1136,12 +765,7 @@ async fn case_blobs_are_idempotent(store: MetaStore) {
     for x in many.iter().skip(1).step_by(3) {
         store.record_blob(x, 1, 1).await.unwrap();
     }
-    let expected: Vec<ContentHash> = many
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| i % 3 != 1)
-        .map(|(_, x)| *x)
-        .collect();
+    let expected: Vec<ContentHash> = many.iter().enumerate().filter(|(i, _)| i % 3 != 1).map(|(_, x)| *x).collect();
     assert_eq!(store.missing_blobs(&many).await.unwrap(), expected);
 
     // Referenced by any version, live or not; per workspace.
@@ -1152,29 +776,14 @@ async fn case_blobs_are_idempotent(store: MetaStore) {
             &ws,
             input(
                 0,
-                vec![Change::Put(Entry {
-                    path: p("f"),
-                    kind: EntryKind::File,
-                    hash: Some(h1),
-                    size: 3,
-                    mode: 0o644,
-                })],
+                vec![Change::Put(Entry { path: p("f"), kind: EntryKind::File, hash: Some(h1), size: 3, mode: 0o644 })],
             ),
         )
         .await
         .unwrap();
     store.commit(&ws, input(1, vec![del("f")])).await.unwrap();
-    assert_eq!(
-        store.referenced_by(ws.id, &[h1, h2, h3]).await.unwrap(),
-        HashSet::from([h1])
-    );
-    assert!(
-        store
-            .referenced_by(other.id, &[h1, h2])
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_eq!(store.referenced_by(ws.id, &[h1, h2, h3]).await.unwrap(), HashSet::from([h1]));
+    assert!(store.referenced_by(other.id, &[h1, h2]).await.unwrap().is_empty());
     assert!(store.referenced_by(ws.id, &[]).await.unwrap().is_empty());
 }
 
@@ -1202,16 +811,8 @@ async fn case_tree_streams_20k_entries_sorted(store: MetaStore) {
             if let Some(last) = &last {
                 assert!(last.as_str() < e.path.as_str());
             }
-            let want = if v == 2 && e.path.as_str() == "d5/f7" {
-                "y"
-            } else {
-                "x"
-            };
-            assert!(
-                e.kind == EntryKind::Dir || e.hash == Some(h(want)),
-                "{}",
-                e.path
-            );
+            let want = if v == 2 && e.path.as_str() == "d5/f7" { "y" } else { "x" };
+            assert!(e.kind == EntryKind::Dir || e.hash == Some(h(want)), "{}", e.path);
             last = Some(e.path.into_string());
             count += 1;
         }
@@ -1223,11 +824,7 @@ async fn case_paths_sort_bytewise(store: MetaStore) {
     let ws = store.create_workspace("order").await.unwrap();
     record(&store, &["x"]).await;
     let names = ["B", "a", "a b", "a-b", "a.b", "a0", "é", "z", "_u", "Ä"];
-    let mut changes: Vec<Change> = names
-        .iter()
-        .filter(|n| **n != "a")
-        .map(|n| file(n, "x"))
-        .collect();
+    let mut changes: Vec<Change> = names.iter().filter(|n| **n != "a").map(|n| file(n, "x")).collect();
     changes.push(dir("a"));
     changes.push(file("a/x", "x"));
     commit(&store, &ws, changes).await;
@@ -1236,19 +833,9 @@ async fn case_paths_sort_bytewise(store: MetaStore) {
     expected.push("a/x");
     expected.sort(); // Rust orders strings bytewise
     assert_eq!(paths(&tree(&store, &ws, 1).await), expected);
-    let top: Vec<&str> = expected
-        .iter()
-        .copied()
-        .filter(|n| !n.contains('/'))
-        .collect();
+    let top: Vec<&str> = expected.iter().copied().filter(|n| !n.contains('/')).collect();
     assert_eq!(paths(&store.list_dir(ws.id, 1, None).await.unwrap()), top);
-    let diff: Vec<String> = store
-        .diff(ws.id, 0, 1)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|d| d.path)
-        .collect();
+    let diff: Vec<String> = store.diff(ws.id, 0, 1).await.unwrap().into_iter().map(|d| d.path).collect();
     assert_eq!(diff, expected);
 }
 
@@ -1266,15 +853,11 @@ async fn case_delete_workspace_removes_everything(store: MetaStore) {
     assert_eq!(store.entry_rows(ws.id).await.unwrap(), 0);
     assert!(store.versions(&ws, 10, None).await.unwrap().is_empty());
     assert!(store.token(&token).await.unwrap().is_none());
-    assert!(not_found(
-        store.resolve_version(&ws, VersionRef::Head).await
-    ));
+    assert!(not_found(store.resolve_version(&ws, VersionRef::Head).await));
     let gone: Result<Vec<Entry>, MetaError> = store.tree(ws.id, 1).try_collect().await;
     assert!(not_found(gone));
     // A commit through a stale handle finds no workspace.
-    assert!(not_found(
-        store.commit(&ws, input(2, vec![file("h", "x")])).await
-    ));
+    assert!(not_found(store.commit(&ws, input(2, vec![file("h", "x")])).await));
     // Blobs are shared by content and stay.
     assert!(store.missing_blobs(&[h("x")]).await.unwrap().is_empty());
     // The other workspace is untouched.

@@ -100,15 +100,14 @@ pub fn worth_compressing(sample: &[u8]) -> bool {
 
 /// Encodes `content` whole, compressing when that saves space.
 pub fn encode(content: &[u8]) -> Vec<u8> {
-    if content.len() >= 64 {
-        if let Ok(c) = zstd::bulk::compress(content, ZSTD_LEVEL) {
-            if (c.len() as f64) < content.len() as f64 * (1.0 - MIN_SAVING) {
-                let mut out = Vec::with_capacity(HEADER_LEN + c.len());
-                out.extend_from_slice(&Header { codec: Codec::Zstd, content_len: content.len() as u64 }.encode());
-                out.extend_from_slice(&c);
-                return out;
-            }
-        }
+    if content.len() >= 64
+        && let Ok(c) = zstd::bulk::compress(content, ZSTD_LEVEL)
+        && (c.len() as f64) < content.len() as f64 * (1.0 - MIN_SAVING)
+    {
+        let mut out = Vec::with_capacity(HEADER_LEN + c.len());
+        out.extend_from_slice(&Header { codec: Codec::Zstd, content_len: content.len() as u64 }.encode());
+        out.extend_from_slice(&c);
+        return out;
     }
     let mut out = Vec::with_capacity(HEADER_LEN + content.len());
     out.extend_from_slice(&Header { codec: Codec::Raw, content_len: content.len() as u64 }.encode());
@@ -118,7 +117,12 @@ pub fn encode(content: &[u8]) -> Vec<u8> {
 
 /// Streams `content_len` bytes from `content` into `out` as a stored blob with `codec`.
 /// Returns the number of bytes written. The caller has hashed the content already.
-pub fn encode_to(mut content: impl Read, content_len: u64, codec: Codec, mut out: impl Write) -> Result<u64, BlobError> {
+pub fn encode_to(
+    mut content: impl Read,
+    content_len: u64,
+    codec: Codec,
+    mut out: impl Write,
+) -> Result<u64, BlobError> {
     out.write_all(&Header { codec, content_len }.encode())?;
     let mut counter = CountingWriter { inner: out, n: 0 };
     let copied = match codec {

@@ -31,9 +31,7 @@ impl ContentHash {
 
     /// Reads a hash from its 32 raw bytes (as stored in a database column).
     pub fn from_slice(raw: &[u8]) -> Result<Self, HashParseError> {
-        <[u8; 32]>::try_from(raw)
-            .map(Self)
-            .map_err(|_| HashParseError(hex::encode(raw)))
+        <[u8; 32]>::try_from(raw).map(Self).map_err(|_| HashParseError(hex::encode(raw)))
     }
 
     pub fn to_hex(&self) -> String {

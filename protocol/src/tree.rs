@@ -221,10 +221,17 @@ mod tests {
     fn change_json_forms() {
         let h = ContentHash::of(b"x");
         let c: Change =
-            serde_json::from_str(&format!(r#"{{"path":"a/b","hash":"{h}","size":1,"mode":493,"kind":"file"}}"#)).unwrap();
+            serde_json::from_str(&format!(r#"{{"path":"a/b","hash":"{h}","size":1,"mode":493,"kind":"file"}}"#))
+                .unwrap();
         assert_eq!(
             c,
-            Change::Put(Entry { path: WsPath::new("a/b").unwrap(), kind: EntryKind::File, hash: Some(h), size: 1, mode: 0o755 })
+            Change::Put(Entry {
+                path: WsPath::new("a/b").unwrap(),
+                kind: EntryKind::File,
+                hash: Some(h),
+                size: 1,
+                mode: 0o755
+            })
         );
         let d: Change = serde_json::from_str(r#"{"path":"a","kind":"delete"}"#).unwrap();
         assert_eq!(d, Change::Delete(WsPath::new("a").unwrap()));

@@ -18,19 +18,15 @@ pub struct CatArgs {
 
 /// Streams the content to stdout and checks it against the ETag hash at the end.
 pub async fn run(client: &Client, args: CatArgs, out: &mut Output<'_>) -> anyhow::Result<()> {
-    let path = WsPath::new(args.path.trim_start_matches("./"))
-        .with_context(|| format!("invalid path {:?}", args.path))?;
+    let path =
+        WsPath::new(args.path.trim_start_matches("./")).with_context(|| format!("invalid path {:?}", args.path))?;
     let Target { workspace, version } = &args.target;
     let mut file = client
         .get_file(workspace, *version, &path)
         .await
         .with_context(|| format!("cannot read {path} in {}", args.target))?;
     let mut hasher = blake3::Hasher::new();
-    while let Some(chunk) = file
-        .chunk()
-        .await
-        .with_context(|| format!("cannot read {path}"))?
-    {
+    while let Some(chunk) = file.chunk().await.with_context(|| format!("cannot read {path}"))? {
         hasher.update(&chunk);
         out.w.write_all(&chunk).map_err(stdout_error)?;
     }

@@ -34,19 +34,13 @@ pub fn compute_changes(local: &[Entry], remote: &[Entry]) -> Vec<Change> {
         }
     }
     deletes.reverse();
-    deletes
-        .into_iter()
-        .map(Change::Delete)
-        .chain(puts.into_iter().map(Change::Put))
-        .collect()
+    deletes.into_iter().map(Change::Delete).chain(puts.into_iter().map(Change::Put)).collect()
 }
 
 /// Applies `changes` to a sorted tree (test oracle and sanity check): the resulting sorted tree.
 pub fn apply_changes(tree: &[Entry], changes: &[Change]) -> Vec<Entry> {
-    let mut map: std::collections::BTreeMap<String, Entry> = tree
-        .iter()
-        .map(|e| (e.path.as_str().to_string(), e.clone()))
-        .collect();
+    let mut map: std::collections::BTreeMap<String, Entry> =
+        tree.iter().map(|e| (e.path.as_str().to_string(), e.clone())).collect();
     for c in changes {
         match c {
             Change::Put(e) => {
@@ -77,13 +71,7 @@ mod tests {
         }
     }
     fn dir(p: &str, mode: u32) -> Entry {
-        Entry {
-            path: WsPath::new(p).unwrap(),
-            kind: EntryKind::Dir,
-            hash: None,
-            size: 0,
-            mode,
-        }
+        Entry { path: WsPath::new(p).unwrap(), kind: EntryKind::Dir, hash: None, size: 0, mode }
     }
     fn link(p: &str, target: &str) -> Entry {
         Entry {
@@ -104,21 +92,13 @@ mod tests {
 
     #[test]
     fn identical_trees_have_no_changes() {
-        let t = sorted(vec![
-            dir("a", 0o755),
-            file("a/x", b"1", 0o644),
-            link("l", "a/x"),
-        ]);
+        let t = sorted(vec![dir("a", 0o755), file("a/x", b"1", 0o644), link("l", "a/x")]);
         assert!(compute_changes(&t, &t).is_empty());
     }
 
     #[test]
     fn empty_remote_puts_everything_in_order() {
-        let t = sorted(vec![
-            dir("a", 0o755),
-            file("a/x", b"1", 0o644),
-            dir("a/b", 0o700),
-        ]);
+        let t = sorted(vec![dir("a", 0o755), file("a/x", b"1", 0o644), dir("a/b", 0o700)]);
         let c = compute_changes(&t, &[]);
         assert_eq!(c, t.iter().cloned().map(Change::Put).collect::<Vec<_>>());
     }
@@ -157,16 +137,8 @@ mod tests {
 
     #[test]
     fn file_dir_replacement_both_ways() {
-        let remote = sorted(vec![
-            file("a", b"file", 0o644),
-            dir("b", 0o755),
-            file("b/x", b"x", 0o644),
-        ]);
-        let local = sorted(vec![
-            dir("a", 0o755),
-            file("a/y", b"y", 0o644),
-            file("b", b"now a file", 0o644),
-        ]);
+        let remote = sorted(vec![file("a", b"file", 0o644), dir("b", 0o755), file("b/x", b"x", 0o644)]);
+        let local = sorted(vec![dir("a", 0o755), file("a/y", b"y", 0o644), file("b", b"now a file", 0o644)]);
         let c = compute_changes(&local, &remote);
         assert_eq!(
             c,
@@ -185,27 +157,21 @@ mod tests {
         let remote = sorted(vec![link("l", "a"), link("m", "x"), file("n", b"a", 0o644)]);
         let local = sorted(vec![link("l", "b"), file("m", b"x", 0o644), link("n", "a")]);
         let c = compute_changes(&local, &remote);
-        assert_eq!(
-            c.len(),
-            3,
-            "target change, symlink->file with the same bytes, file->symlink"
-        );
+        assert_eq!(c.len(), 3, "target change, symlink->file with the same bytes, file->symlink");
         assert!(c.iter().all(|c| matches!(c, Change::Put(_))));
     }
 
     fn arb_tree() -> impl Strategy<Value = Vec<Entry>> {
         let names = prop::sample::select(vec!["a", "b", "a.b", "c", "a-"]);
-        let entry = (prop::collection::vec(names, 1..4), 0u8..4, 0u8..3).prop_map(
-            |(parts, kind, content)| {
-                let p = parts.join("/");
-                match kind {
-                    0 => dir(&p, 0o755),
-                    1 => file(&p, &[content], 0o644),
-                    2 => file(&p, &[content], 0o755),
-                    _ => link(&p, &content.to_string()),
-                }
-            },
-        );
+        let entry = (prop::collection::vec(names, 1..4), 0u8..4, 0u8..3).prop_map(|(parts, kind, content)| {
+            let p = parts.join("/");
+            match kind {
+                0 => dir(&p, 0o755),
+                1 => file(&p, &[content], 0o644),
+                2 => file(&p, &[content], 0o755),
+                _ => link(&p, &content.to_string()),
+            }
+        });
         prop::collection::vec(entry, 0..20).prop_map(|v| {
             let mut m = std::collections::BTreeMap::new();
             for e in v {

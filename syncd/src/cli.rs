@@ -67,9 +67,7 @@ impl Output<'_> {
         human: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
     ) -> anyhow::Result<()> {
         if self.json {
-            serde_json::to_writer(&mut *self.w, value)
-                .map_err(std::io::Error::from)
-                .map_err(stdout_error)?;
+            serde_json::to_writer(&mut *self.w, value).map_err(std::io::Error::from).map_err(stdout_error)?;
             writeln!(self.w).map_err(stdout_error)?;
         } else {
             human(&mut *self.w).map_err(stdout_error)?;
@@ -95,8 +93,7 @@ pub fn stdout_error(e: std::io::Error) -> anyhow::Error {
 
 /// Parses `head` or a version number.
 pub fn parse_version(s: &str) -> Result<VersionRef, String> {
-    s.parse()
-        .map_err(|e: podfs_protocol::tree::VersionRefError| e.to_string())
+    s.parse().map_err(|e: podfs_protocol::tree::VersionRefError| e.to_string())
 }
 
 /// Runs the `podfs` command line `args` (program name first), writing results to stdout and
@@ -136,11 +133,7 @@ where
 /// Runs a parsed command.
 pub async fn execute(cli: Cli, stdout: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     let client = Client::new(&cli.gateway, cli.token.clone())?;
-    let mut out = Output {
-        w: stdout,
-        json: cli.json,
-        progress: std::io::stderr().is_terminal(),
-    };
+    let mut out = Output { w: stdout, json: cli.json, progress: std::io::stderr().is_terminal() };
     match cli.command {
         Command::Workspace(c) => workspace::run(&client, c, &mut out).await,
         Command::Token(c) => token::run(&client, c, &mut out).await,
@@ -175,40 +168,20 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let cli = Cli::try_parse_from([
-            "podfs",
-            "diff",
-            "demo",
-            "1",
-            "head",
-            "--gateway",
-            "http://h:1",
-        ])
-        .unwrap();
+        let cli = Cli::try_parse_from(["podfs", "diff", "demo", "1", "head", "--gateway", "http://h:1"]).unwrap();
         assert_eq!(cli.gateway, "http://h:1");
-        assert!(
-            matches!(cli.command, Command::Diff(d) if d.from == VersionRef::Number(1) && d.to == VersionRef::Head)
-        );
+        assert!(matches!(cli.command, Command::Diff(d) if d.from == VersionRef::Number(1) && d.to == VersionRef::Head));
         assert!(Cli::try_parse_from(["podfs", "pull", "demo@x", "/tmp/x"]).is_err());
-        assert!(
-            Cli::try_parse_from(["podfs", "token", "create", "demo", "--right", "admin"]).is_err()
-        );
+        assert!(Cli::try_parse_from(["podfs", "token", "create", "demo", "--right", "admin"]).is_err());
         assert!(Cli::try_parse_from(["podfs", "push", "demo", "dir", "-m", "msg"]).is_ok());
     }
 
     #[tokio::test]
     async fn usage_errors_exit_2_and_gateway_errors_exit_1() {
         let mut out = Vec::new();
-        assert_eq!(
-            run_with(["podfs", "bogus"], &mut out).await,
-            ExitCode::from(2)
-        );
+        assert_eq!(run_with(["podfs", "bogus"], &mut out).await, ExitCode::from(2));
         // nothing listens on port 9 of localhost: a transport error, reported, exit 1
-        let code = run_with(
-            ["podfs", "--gateway", "http://127.0.0.1:9", "log", "demo"],
-            &mut out,
-        )
-        .await;
+        let code = run_with(["podfs", "--gateway", "http://127.0.0.1:9", "log", "demo"], &mut out).await;
         assert_eq!(code, ExitCode::FAILURE);
         assert!(out.is_empty());
     }

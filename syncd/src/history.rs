@@ -21,20 +21,11 @@ pub async fn run(client: &Client, args: HistoryArgs, out: &mut Output<'_>) -> an
     let h = client
         .history(&args.workspace, &args.path)
         .await
-        .with_context(|| {
-            format!(
-                "cannot read the history of {} in {}",
-                args.path, args.workspace
-            )
-        })?;
+        .with_context(|| format!("cannot read the history of {} in {}", args.path, args.workspace))?;
     out.json_or(&h, |w| {
         for r in &h.revisions {
             let until = r.until_version.map(|u| u.to_string()).unwrap_or_default();
-            let hash = r
-                .entry
-                .hash
-                .map(|h| h.to_hex()[..12].to_string())
-                .unwrap_or_else(|| "-".into());
+            let hash = r.entry.hash.map(|h| h.to_hex()[..12].to_string()).unwrap_or_else(|| "-".into());
             writeln!(
                 w,
                 "{}..{until}  {}  {:03o}  {}  {hash}",

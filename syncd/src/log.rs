@@ -30,12 +30,7 @@ pub async fn run(client: &Client, args: LogArgs, out: &mut Output<'_>) -> anyhow
         .await
         .with_context(|| format!("cannot list the versions of {}", args.workspace))?;
     out.json_or(&list, |w| {
-        let width = list
-            .versions
-            .iter()
-            .map(|v| v.version.to_string().len())
-            .max()
-            .unwrap_or(1);
+        let width = list.versions.iter().map(|v| v.version.to_string().len()).max().unwrap_or(1);
         for v in &list.versions {
             let message = v.message.lines().next().unwrap_or("");
             let line = format!(

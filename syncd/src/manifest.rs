@@ -25,14 +25,8 @@ pub enum ManifestError {
     #[error("manifest entry {path:?} has no directory entry for its parent {parent:?}")]
     MissingParent { path: String, parent: String },
     #[error("manifest entry {path:?} lies below {parent:?}, which is a {kind}, not a directory")]
-    ParentNotDir {
-        path: String,
-        parent: String,
-        kind: &'static str,
-    },
-    #[error(
-        "manifest symlink {path:?} has {size} bytes of link text; at most {MAX_LINK_TEXT} are possible"
-    )]
+    ParentNotDir { path: String, parent: String, kind: &'static str },
+    #[error("manifest symlink {path:?} has {size} bytes of link text; at most {MAX_LINK_TEXT} are possible")]
     LinkTooLong { path: String, size: u64 },
     #[error("manifest is for {got}, asked for {want}")]
     WrongVersion { want: String, got: String },
@@ -44,9 +38,7 @@ pub fn validate(manifest: &Manifest) -> Result<Vec<Entry>, ManifestError> {
 }
 
 /// Checks a sorted entry list: valid fields, strictly ascending paths, closed tree.
-pub fn validate_entries(
-    entries: impl IntoIterator<Item = Entry>,
-) -> Result<Vec<Entry>, ManifestError> {
+pub fn validate_entries(entries: impl IntoIterator<Item = Entry>) -> Result<Vec<Entry>, ManifestError> {
     let mut out: Vec<Entry> = Vec::new();
     let mut dirs: HashSet<String> = HashSet::new();
     for e in entries {
@@ -58,10 +50,7 @@ pub fn validate_entries(
                     return Err(ManifestError::Duplicate(e.path.to_string()));
                 }
                 std::cmp::Ordering::Greater => {
-                    return Err(ManifestError::Unsorted {
-                        before: prev.path.to_string(),
-                        after: e.path.to_string(),
-                    });
+                    return Err(ManifestError::Unsorted { before: prev.path.to_string(), after: e.path.to_string() });
                 }
             }
         }
@@ -70,21 +59,14 @@ pub fn validate_entries(
             let path = e.path.to_string();
             let parent = parent.to_string();
             // the parent sorts before its children, so it has been seen if it exists
-            let kind = out
-                .iter()
-                .rev()
-                .find(|p| p.path.as_str() == parent)
-                .map(|p| p.kind.as_str());
+            let kind = out.iter().rev().find(|p| p.path.as_str() == parent).map(|p| p.kind.as_str());
             return Err(match kind {
                 Some(kind) => ManifestError::ParentNotDir { path, parent, kind },
                 None => ManifestError::MissingParent { path, parent },
             });
         }
         if e.kind == EntryKind::Symlink && e.size > MAX_LINK_TEXT {
-            return Err(ManifestError::LinkTooLong {
-                path: e.path.to_string(),
-                size: e.size,
-            });
+            return Err(ManifestError::LinkTooLong { path: e.path.to_string(), size: e.size });
         }
         if e.kind == EntryKind::Dir {
             dirs.insert(e.path.to_string());
@@ -106,26 +88,13 @@ mod tests {
             EntryKind::Dir => (None, 0),
             _ => (Some(ContentHash::of(p.as_bytes())), p.len() as u64),
         };
-        Entry {
-            path: WsPath::new(p).unwrap(),
-            kind,
-            hash,
-            size,
-            mode: 0o755,
-        }
+        Entry { path: WsPath::new(p).unwrap(), kind, hash, size, mode: 0o755 }
     }
     use EntryKind::{Dir, File, Symlink};
 
     #[test]
     fn accepts_a_closed_sorted_tree() {
-        let v = vec![
-            e("a", Dir),
-            e("a.txt", File),
-            e("a/b", Dir),
-            e("a/b/c", File),
-            e("a/l", Symlink),
-            e("z", File),
-        ];
+        let v = vec![e("a", Dir), e("a.txt", File), e("a/b", Dir), e("a/b/c", File), e("a/l", Symlink), e("z", File)];
         assert_eq!(validate_entries(v.clone()).unwrap().len(), 6);
         assert!(validate_entries(Vec::new()).unwrap().is_empty());
     }
@@ -134,18 +103,12 @@ mod tests {
     fn refuses_duplicates() {
         let r = validate_entries(vec![e("a", File), e("a", File)]);
         assert_eq!(r, Err(ManifestError::Duplicate("a".into())));
-        assert!(matches!(
-            validate_entries(vec![e("a", Dir), e("a", File)]),
-            Err(ManifestError::Duplicate(_))
-        ));
+        assert!(matches!(validate_entries(vec![e("a", Dir), e("a", File)]), Err(ManifestError::Duplicate(_))));
     }
 
     #[test]
     fn refuses_unsorted() {
-        assert!(matches!(
-            validate_entries(vec![e("b", File), e("a", File)]),
-            Err(ManifestError::Unsorted { .. })
-        ));
+        assert!(matches!(validate_entries(vec![e("b", File), e("a", File)]), Err(ManifestError::Unsorted { .. })));
         // byte order: "a.b" < "a/b"
         assert!(matches!(
             validate_entries(vec![e("a", Dir), e("a/b", File), e("a.b", File)]),
@@ -155,10 +118,7 @@ mod tests {
 
     #[test]
     fn refuses_missing_parents() {
-        assert!(matches!(
-            validate_entries(vec![e("a/b", File)]),
-            Err(ManifestError::MissingParent { .. })
-        ));
+        assert!(matches!(validate_entries(vec![e("a/b", File)]), Err(ManifestError::MissingParent { .. })));
         assert!(matches!(
             validate_entries(vec![e("a", Dir), e("a/b/c", File)]),
             Err(ManifestError::MissingParent { .. })
@@ -172,43 +132,22 @@ mod tests {
         link.hash = Some(ContentHash::of(b"/tmp/x"));
         link.size = 6;
         let r = validate_entries(vec![link, e("a/f", File)]);
-        assert!(
-            matches!(
-                r,
-                Err(ManifestError::ParentNotDir {
-                    kind: "symlink",
-                    ..
-                })
-            ),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(ManifestError::ParentNotDir { kind: "symlink", .. })), "{r:?}");
         let r = validate_entries(vec![e("a", File), e("a/f", File)]);
-        assert!(
-            matches!(r, Err(ManifestError::ParentNotDir { kind: "file", .. })),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(ManifestError::ParentNotDir { kind: "file", .. })), "{r:?}");
     }
 
     #[test]
     fn refuses_bad_entries() {
         let mut no_hash = e("a", File);
         no_hash.hash = None;
-        assert!(matches!(
-            validate_entries(vec![no_hash]),
-            Err(ManifestError::Entry(_))
-        ));
+        assert!(matches!(validate_entries(vec![no_hash]), Err(ManifestError::Entry(_))));
         let mut dir_with_hash = e("a", Dir);
         dir_with_hash.hash = Some(ContentHash::of(b""));
-        assert!(matches!(
-            validate_entries(vec![dir_with_hash]),
-            Err(ManifestError::Entry(_))
-        ));
+        assert!(matches!(validate_entries(vec![dir_with_hash]), Err(ManifestError::Entry(_))));
         let mut long = e("a", Symlink);
         long.size = 10_000;
-        assert!(matches!(
-            validate_entries(vec![long]),
-            Err(ManifestError::LinkTooLong { .. })
-        ));
+        assert!(matches!(validate_entries(vec![long]), Err(ManifestError::LinkTooLong { .. })));
     }
 
     #[test]

@@ -46,10 +46,7 @@ pub struct PullOptions {
 
 impl Default for PullOptions {
     fn default() -> Self {
-        Self {
-            concurrency: DOWNLOAD_CONCURRENCY,
-            progress: false,
-        }
+        Self { concurrency: DOWNLOAD_CONCURRENCY, progress: false }
     }
 }
 
@@ -78,10 +75,7 @@ pub enum PullError {
     #[error("workspace {0} has no version yet")]
     NoVersion(String),
     #[error("version {version} of workspace {workspace} not found")]
-    VersionNotFound {
-        workspace: String,
-        version: VersionRef,
-    },
+    VersionNotFound { workspace: String, version: VersionRef },
 }
 
 /// One distinct content and every path that holds it.
@@ -113,71 +107,32 @@ pub async fn pull(
             return Err(e).with_context(|| format!("cannot read the manifest of {ws}@{version}"));
         }
     };
-    if let VersionRef::Number(n) = version {
-        if manifest.version != n {
-            return Err(manifest::ManifestError::WrongVersion {
-                want: format!("{ws}@{n}"),
-                got: manifest.version.to_string(),
-            }
-            .into());
+    if let VersionRef::Number(n) = version
+        && manifest.version != n
+    {
+        return Err(manifest::ManifestError::WrongVersion {
+            want: format!("{ws}@{n}"),
+            got: manifest.version.to_string(),
         }
+        .into());
     }
-    let entries = manifest::validate(&manifest)
-        .with_context(|| format!("refusing the manifest of {ws}@{}", manifest.version))?;
+    let version = manifest.version;
+    let entries = manifest::validate_entries(manifest.entries)
+        .with_context(|| format!("refusing the manifest of {ws}@{version}"))?;
 
-    let mut report = PullReport {
+    let plan = plan(entries)?;
+    let report = PullReport {
         workspace: ws.to_string(),
-        version: manifest.version,
+        version,
         dir: dir.to_path_buf(),
-        files: 0,
-        symlinks: 0,
-        dirs: 0,
-        bytes: 0,
-        downloaded_blobs: 0,
-        downloaded_bytes: 0,
+        files: plan.files,
+        symlinks: plan.symlinks,
+        dirs: plan.dirs.len() as u64,
+        bytes: plan.bytes,
+        downloaded_blobs: plan.blobs.len() as u64,
+        downloaded_bytes: plan.blobs.iter().map(|b| b.size).sum(),
     };
-    let mut dirs = Vec::new();
-    let mut blobs: Vec<Blob> = Vec::new();
-    let mut by_hash: HashMap<ContentHash, usize> = HashMap::new();
-    for e in entries {
-        match (e.kind, e.hash) {
-            (EntryKind::Dir, _) => {
-                report.dirs += 1;
-                dirs.push(e);
-            }
-            (kind, Some(hash)) => {
-                if kind == EntryKind::File {
-                    report.files += 1;
-                    report.bytes += e.size;
-                } else {
-                    report.symlinks += 1;
-                }
-                match by_hash.get(&hash) {
-                    Some(&i) => {
-                        if blobs[i].size != e.size {
-                            bail!(
-                                "manifest gives blob {hash} two sizes ({} and {})",
-                                blobs[i].size,
-                                e.size
-                            );
-                        }
-                        blobs[i].targets.push(e);
-                    }
-                    None => {
-                        by_hash.insert(hash, blobs.len());
-                        blobs.push(Blob {
-                            hash,
-                            size: e.size,
-                            targets: vec![e],
-                        });
-                    }
-                }
-            }
-            (_, None) => bail!("manifest entry {} has no hash", e.path),
-        }
-    }
-    report.downloaded_blobs = blobs.len() as u64;
-    report.downloaded_bytes = blobs.iter().map(|b| b.size).sum();
+    let Plan { dirs, blobs, .. } = plan;
 
     let root = {
         let dir = dir.to_path_buf();
@@ -199,15 +154,9 @@ pub async fn pull(
         bar: progress::bytes_bar(opts.progress, report.downloaded_bytes, "pulling"),
     });
 
-    download_all(&ctx, blobs, opts.concurrency.max(1))
-        .await
-        .with_context(|| {
-            format!(
-                "pull of {ws}@{} into {} failed; the directory is incomplete",
-                report.version,
-                dir.display()
-            )
-        })?;
+    download_all(&ctx, blobs, opts.concurrency.max(1)).await.with_context(|| {
+        format!("pull of {ws}@{} into {} failed; the directory is incomplete", report.version, dir.display())
+    })?;
 
     let root = Arc::clone(&ctx.root);
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
@@ -222,16 +171,55 @@ pub async fn pull(
     Ok(report)
 }
 
+/// What a validated manifest asks for: directories in path order, and each distinct content
+/// with every path holding it.
+struct Plan {
+    dirs: Vec<Entry>,
+    blobs: Vec<Blob>,
+    files: u64,
+    symlinks: u64,
+    /// Content bytes of the files.
+    bytes: u64,
+}
+
+fn plan(entries: Vec<Entry>) -> anyhow::Result<Plan> {
+    let mut plan = Plan { dirs: Vec::new(), blobs: Vec::new(), files: 0, symlinks: 0, bytes: 0 };
+    let mut by_hash: HashMap<ContentHash, usize> = HashMap::new();
+    for e in entries {
+        let hash = match (e.kind, e.hash) {
+            (EntryKind::Dir, _) => {
+                plan.dirs.push(e);
+                continue;
+            }
+            (_, Some(hash)) => hash,
+            (_, None) => bail!("manifest entry {} has no hash", e.path),
+        };
+        if e.kind == EntryKind::File {
+            plan.files += 1;
+            plan.bytes += e.size;
+        } else {
+            plan.symlinks += 1;
+        }
+        match by_hash.get(&hash) {
+            Some(&i) if plan.blobs[i].size != e.size => {
+                bail!("manifest gives blob {hash} two sizes ({} and {})", plan.blobs[i].size, e.size)
+            }
+            Some(&i) => plan.blobs[i].targets.push(e),
+            None => {
+                by_hash.insert(hash, plan.blobs.len());
+                plan.blobs.push(Blob { hash, size: e.size, targets: vec![e] });
+            }
+        }
+    }
+    Ok(plan)
+}
+
 /// Explains a 404 on the manifest.
 async fn not_found(client: &Client, ws: &str, version: VersionRef) -> anyhow::Error {
     match client.workspace(ws).await {
         Err(e) if e.is_not_found() => PullError::WorkspaceNotFound(ws.to_string()).into(),
         Ok(w) if w.head == 0 => PullError::NoVersion(ws.to_string()).into(),
-        _ => PullError::VersionNotFound {
-            workspace: ws.to_string(),
-            version,
-        }
-        .into(),
+        _ => PullError::VersionNotFound { workspace: ws.to_string(), version }.into(),
     }
 }
 
@@ -247,11 +235,7 @@ async fn download_all(ctx: &Arc<Ctx>, blobs: Vec<Blob>, concurrency: usize) -> a
             let ctx = Arc::clone(ctx);
             async move {
                 let hashes: Vec<ContentHash> = batch.iter().map(|b| b.hash).collect();
-                let locs = ctx
-                    .client
-                    .blob_locations(&ctx.ws, &hashes)
-                    .await
-                    .context("cannot get blob locations")?;
+                let locs = ctx.client.blob_locations(&ctx.ws, &hashes).await.context("cannot get blob locations")?;
                 let stale_at = stale_at(locs.expires_in_secs);
                 let mut by_hash: HashMap<ContentHash, BlobLocation> =
                     locs.locations.into_iter().map(|l| (l.hash, l)).collect();
@@ -259,10 +243,7 @@ async fn download_all(ctx: &Arc<Ctx>, blobs: Vec<Blob>, concurrency: usize) -> a
                     .into_iter()
                     .map(|b| match by_hash.remove(&b.hash) {
                         Some(loc) => Ok((b, Located { loc, stale_at })),
-                        None => Err(anyhow::anyhow!(
-                            "the gateway gave no location for blob {}",
-                            b.hash
-                        )),
+                        None => Err(anyhow::anyhow!("the gateway gave no location for blob {}", b.hash)),
                     })
                     .collect::<Vec<_>>();
                 anyhow::Ok(futures::stream::iter(jobs))
@@ -291,11 +272,7 @@ fn stale_at(expires_in_secs: u64) -> Instant {
 
 /// A fresh location for `hash` (after a presigned URL was refused, or before it expires).
 async fn refresh(ctx: &Ctx, hash: ContentHash) -> anyhow::Result<Located> {
-    let locs = ctx
-        .client
-        .blob_locations(&ctx.ws, &[hash])
-        .await
-        .context("cannot refresh a blob location")?;
+    let locs = ctx.client.blob_locations(&ctx.ws, &[hash]).await.context("cannot refresh a blob location")?;
     let stale_at = stale_at(locs.expires_in_secs);
     let loc = locs
         .locations
@@ -307,19 +284,11 @@ async fn refresh(ctx: &Ctx, hash: ContentHash) -> anyhow::Result<Located> {
 
 /// `located`, refreshed first when it is close to expiring.
 async fn fresh(ctx: &Ctx, hash: ContentHash, located: Located) -> anyhow::Result<Located> {
-    if Instant::now() >= located.stale_at {
-        refresh(ctx, hash).await
-    } else {
-        Ok(located)
-    }
+    if Instant::now() >= located.stale_at { refresh(ctx, hash).await } else { Ok(located) }
 }
 
 async fn download(ctx: &Arc<Ctx>, blob: Blob, loc: Located) -> anyhow::Result<()> {
-    if blob.size <= SMALL_BLOB {
-        download_small(ctx, blob, loc).await
-    } else {
-        download_large(ctx, blob, loc).await
-    }
+    if blob.size <= SMALL_BLOB { download_small(ctx, blob, loc).await } else { download_large(ctx, blob, loc).await }
 }
 
 fn first_path(blob: &Blob) -> &WsPath {
@@ -343,12 +312,7 @@ async fn download_small(ctx: &Arc<Ctx>, blob: Blob, mut loc: Located) -> anyhow:
         }
     };
     if content.len() as u64 != blob.size {
-        bail!(
-            "{}: the manifest says {} bytes, its blob has {}",
-            first_path(&blob),
-            blob.size,
-            content.len()
-        );
+        bail!("{}: the manifest says {} bytes, its blob has {}", first_path(&blob), blob.size, content.len());
     }
     let root = Arc::clone(&ctx.root);
     let size = blob.size;
@@ -372,29 +336,19 @@ async fn download_small(ctx: &Arc<Ctx>, blob: Blob, mut loc: Located) -> anyhow:
 async fn download_large(ctx: &Arc<Ctx>, blob: Blob, mut loc: Located) -> anyhow::Result<()> {
     let first = blob.targets[0].clone();
     if blob.targets.iter().any(|t| t.kind != EntryKind::File) {
-        bail!(
-            "{}: a {}-byte symlink cannot be created",
-            first.path,
-            blob.size
-        );
+        bail!("{}: a {}-byte symlink cannot be created", first.path, blob.size);
     }
     let policy = *ctx.client.retry_policy();
     let (mut attempt, mut refreshes) = (1, 0);
     let (temp, file) = loop {
         let (temp, file) = {
             let (root, path) = (Arc::clone(&ctx.root), first.path.clone());
-            tokio::task::spawn_blocking(move || TempFile::create(&root, &path))
-                .await
-                .context("write task failed")??
+            tokio::task::spawn_blocking(move || TempFile::create(&root, &path)).await.context("write task failed")??
         };
         loc = fresh(ctx, blob.hash, loc).await?;
         match ctx.client.fetch_blob_to(&loc.loc, file.into_std()).await {
             Ok((file, n)) if n == blob.size => break (temp, File::from_std(file)),
-            Ok((_, n)) => bail!(
-                "{}: the manifest says {} bytes, its blob has {n}",
-                first.path,
-                blob.size
-            ),
+            Ok((_, n)) => bail!("{}: the manifest says {} bytes, its blob has {n}", first.path, blob.size),
             Err(ClientError::LocationExpired { .. }) if refreshes < MAX_LOCATION_REFRESHES => {
                 refreshes += 1;
                 loc = refresh(ctx, blob.hash).await?;
@@ -435,24 +389,10 @@ pub struct PullArgs {
 }
 
 /// Human output: `pulled demo@3 into DIR: 120 files, 3 symlinks, 14 dirs, 4.5 MiB (110 blobs downloaded)`.
-pub async fn run(
-    client: &Client,
-    args: PullArgs,
-    out: &mut crate::cli::Output<'_>,
-) -> anyhow::Result<()> {
+pub async fn run(client: &Client, args: PullArgs, out: &mut crate::cli::Output<'_>) -> anyhow::Result<()> {
     use crate::output::{human_bytes, plural};
-    let opts = PullOptions {
-        concurrency: args.concurrency,
-        progress: out.progress,
-    };
-    let r = pull(
-        client,
-        &args.target.workspace,
-        args.target.version,
-        &args.dir,
-        opts,
-    )
-    .await?;
+    let opts = PullOptions { concurrency: args.concurrency, progress: out.progress };
+    let r = pull(client, &args.target.workspace, args.target.version, &args.dir, opts).await?;
     out.json_or(&r, |w| {
         writeln!(
             w,
@@ -467,4 +407,38 @@ pub async fn run(
             plural(r.downloaded_blobs, "blob", "blobs"),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(p: &str, kind: EntryKind, content: &[u8]) -> Entry {
+        let hash = (kind != EntryKind::Dir).then(|| ContentHash::of(content));
+        let size = if kind == EntryKind::Dir { 0 } else { content.len() as u64 };
+        Entry { path: WsPath::new(p).unwrap(), kind, hash, size, mode: 0o644 }
+    }
+
+    #[test]
+    fn identical_content_is_downloaded_once() {
+        let p = plan(vec![
+            e("a", EntryKind::File, b"same"),
+            e("b", EntryKind::Symlink, b"same"),
+            e("c", EntryKind::File, b"other"),
+            e("d", EntryKind::Dir, b""),
+            e("d/e", EntryKind::File, b"same"),
+        ])
+        .unwrap();
+        assert_eq!((p.files, p.symlinks, p.dirs.len(), p.bytes), (3, 1, 1, 13));
+        assert_eq!(p.blobs.len(), 2);
+        let paths: Vec<_> = p.blobs[0].targets.iter().map(|t| t.path.as_str()).collect();
+        assert_eq!(paths, ["a", "b", "d/e"]);
+    }
+
+    #[test]
+    fn one_hash_with_two_sizes_is_refused() {
+        let mut lying = e("b", EntryKind::File, b"same");
+        lying.size = 99;
+        assert!(plan(vec![e("a", EntryKind::File, b"same"), lying]).is_err());
+    }
 }

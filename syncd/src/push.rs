@@ -39,12 +39,7 @@ pub struct PushOptions {
 
 impl Default for PushOptions {
     fn default() -> Self {
-        Self {
-            message: None,
-            author: None,
-            concurrency: UPLOAD_CONCURRENCY,
-            progress: false,
-        }
+        Self { message: None, author: None, concurrency: UPLOAD_CONCURRENCY, progress: false }
     }
 }
 
@@ -79,21 +74,14 @@ pub enum PushError {
          someone else pushed; run push again"
     )]
     Conflict { workspace: String, parent: u64 },
-    #[error(
-        "{path} changed while pushing (it no longer matches the hash computed a moment ago); run push again"
-    )]
+    #[error("{path} changed while pushing (it no longer matches the hash computed a moment ago); run push again")]
     ChangedWhilePushing { path: String },
     #[error("workspace {0} not found")]
     WorkspaceNotFound(String),
 }
 
 /// Pushes `dir` to `ws` as a new version on top of its head.
-pub async fn push(
-    client: &Client,
-    ws: &str,
-    dir: &Path,
-    opts: PushOptions,
-) -> anyhow::Result<PushReport> {
+pub async fn push(client: &Client, ws: &str, dir: &Path, opts: PushOptions) -> anyhow::Result<PushReport> {
     let head = match client.workspace(ws).await {
         Ok(w) => w.head,
         Err(e) if e.is_not_found() => {
@@ -104,9 +92,7 @@ pub async fn push(
 
     let spin = progress::spinner(opts.progress, "scanning");
     let root = dir.to_path_buf();
-    let tree = tokio::task::spawn_blocking(move || scan::scan(&root))
-        .await
-        .context("scan task failed")??;
+    let tree = tokio::task::spawn_blocking(move || scan::scan(&root)).await.context("scan task failed")??;
     spin.finish_and_clear();
 
     let remote = remote_tree(client, ws, head).await?;
@@ -137,28 +123,17 @@ pub async fn push(
         })
         .filter(|h| seen.insert(*h))
         .collect();
-    let missing = client
-        .missing_blobs(ws, &needed)
-        .await
-        .context("cannot ask the gateway which blobs it lacks")?;
+    let missing = client.missing_blobs(ws, &needed).await.context("cannot ask the gateway which blobs it lacks")?;
     let (blobs, bytes) = upload(client, ws, &tree, &missing, &opts).await?;
     report.uploaded_blobs = blobs;
     report.uploaded_bytes = bytes;
 
-    let req = CommitRequest {
-        parent_version: head,
-        message: opts.message.clone(),
-        author: opts.author.clone(),
-        changes,
-    };
+    let req =
+        CommitRequest { parent_version: head, message: opts.message.clone(), author: opts.author.clone(), changes };
     let info = match client.commit(ws, &req).await {
         Ok(info) => info,
         Err(e) if e.is_conflict() => {
-            return Err(PushError::Conflict {
-                workspace: ws.to_string(),
-                parent: head,
-            }
-            .into());
+            return Err(PushError::Conflict { workspace: ws.to_string(), parent: head }.into());
         }
         Err(e) => return Err(e).with_context(|| format!("cannot commit to {ws}")),
     };
@@ -196,9 +171,10 @@ async fn upload(
 ) -> anyhow::Result<(u64, u64)> {
     let mut jobs = Vec::with_capacity(missing.len());
     for h in missing {
-        let source = tree.sources.get(h).with_context(|| {
-            format!("the gateway asked for blob {h}, which this push does not hold")
-        })?;
+        let source = tree
+            .sources
+            .get(h)
+            .with_context(|| format!("the gateway asked for blob {h}, which this push does not hold"))?;
         jobs.push((*h, source));
     }
     let total: u64 = jobs.iter().map(|(_, s)| s.size()).sum();
@@ -220,39 +196,25 @@ async fn upload(
     Ok((n, total))
 }
 
-async fn upload_one(
-    client: &Client,
-    ws: &str,
-    hash: ContentHash,
-    source: &Source,
-) -> anyhow::Result<()> {
+async fn upload_one(client: &Client, ws: &str, hash: ContentHash, source: &Source) -> anyhow::Result<()> {
     let (result, path) = match source {
         Source::Inline(text) => (client.put_blob(ws, &hash, text.clone()).await, None),
         Source::File { path, size } if *size < SMALL_UPLOAD => {
             let shown = path.display().to_string();
-            let data = tokio::fs::read(path)
-                .await
-                .with_context(|| format!("cannot read {shown}"))?;
+            let data = tokio::fs::read(path).await.with_context(|| format!("cannot read {shown}"))?;
             if data.len() as u64 != *size || ContentHash::of(&data) != hash {
                 return Err(PushError::ChangedWhilePushing { path: shown }.into());
             }
-            (
-                client.put_blob(ws, &hash, Bytes::from(data)).await,
-                Some(shown),
-            )
+            (client.put_blob(ws, &hash, Bytes::from(data)).await, Some(shown))
         }
-        Source::File { path, size } => (
-            client.put_blob_file(ws, &hash, path, *size).await,
-            Some(path.display().to_string()),
-        ),
+        Source::File { path, size } => {
+            (client.put_blob_file(ws, &hash, path, *size).await, Some(path.display().to_string()))
+        }
     };
     match result {
         Ok(_) => Ok(()),
         Err(ClientError::Api { code, .. }) if code == "hash_mismatch" => {
-            Err(PushError::ChangedWhilePushing {
-                path: path.unwrap_or_else(|| format!("symlink text {hash}")),
-            }
-            .into())
+            Err(PushError::ChangedWhilePushing { path: path.unwrap_or_else(|| format!("symlink text {hash}")) }.into())
         }
         Err(e) => Err(e).with_context(|| match path {
             Some(p) => format!("cannot upload {p}"),
@@ -281,11 +243,7 @@ pub struct PushArgs {
 
 /// Human output: `pushed demo@3: 12 changes, 4 blobs uploaded (1.2 MiB)` or
 /// `demo is up to date at version 3`.
-pub async fn run(
-    client: &Client,
-    args: PushArgs,
-    out: &mut crate::cli::Output<'_>,
-) -> anyhow::Result<()> {
+pub async fn run(client: &Client, args: PushArgs, out: &mut crate::cli::Output<'_>) -> anyhow::Result<()> {
     use crate::output::{human_bytes, plural};
     let opts = PushOptions {
         message: args.message,

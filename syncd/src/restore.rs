@@ -38,29 +38,21 @@ pub fn temp_path_for(path: &WsPath) -> PathBuf {
 /// Opens `dir` as the root of a pull: creates it when missing, refuses it when it is not an
 /// empty directory.
 pub fn open_empty_root(dir: &Path) -> anyhow::Result<Dir> {
-    match std::fs::symlink_metadata(dir) {
+    // DIR itself is the user's choice: a symlink to an empty directory is fine
+    match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => {
-            let mut entries =
-                std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+            let mut entries = std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
             if entries.next().is_some() {
-                bail!(
-                    "{} is not empty; pull into a new or empty directory",
-                    dir.display()
-                );
+                bail!("{} is not empty; pull into a new or empty directory", dir.display());
             }
         }
-        Ok(_) => bail!(
-            "{} exists and is not a directory; pull into a new or empty directory",
-            dir.display()
-        ),
+        Ok(_) => bail!("{} exists and is not a directory; pull into a new or empty directory", dir.display()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
     }
-    Dir::open_ambient_dir(dir, ambient_authority())
-        .with_context(|| format!("cannot open {}", dir.display()))
+    Dir::open_ambient_dir(dir, ambient_authority()).with_context(|| format!("cannot open {}", dir.display()))
 }
 
 /// Creates the directory `path` (its parent must exist), writable by us until
@@ -68,8 +60,7 @@ pub fn open_empty_root(dir: &Path) -> anyhow::Result<Dir> {
 pub fn create_dir(root: &Dir, path: &WsPath) -> anyhow::Result<()> {
     let mut b = DirBuilder::new();
     b.mode(0o700);
-    root.create_dir_with(path.as_str(), &b)
-        .with_context(|| format!("cannot create directory {path}"))
+    root.create_dir_with(path.as_str(), &b).with_context(|| format!("cannot create directory {path}"))
 }
 
 /// Sets the permission bits of `path`.
@@ -92,18 +83,9 @@ impl TempFile {
         let temp = temp_path_for(target);
         let mut opts = OpenOptions::new();
         opts.write(true).create_new(true);
-        let file = root
-            .open_with(&temp, &opts)
-            .with_context(|| format!("cannot create a temporary file for {target}"))?;
-        Ok((
-            Self {
-                root: Arc::clone(root),
-                temp,
-                target: target.clone(),
-                done: false,
-            },
-            file,
-        ))
+        let file =
+            root.open_with(&temp, &opts).with_context(|| format!("cannot create a temporary file for {target}"))?;
+        Ok((Self { root: Arc::clone(root), temp, target: target.clone(), done: false }, file))
     }
 
     /// The temporary path, relative to the root.
@@ -134,19 +116,15 @@ impl Drop for TempFile {
 /// Writes `content` as the file `path` with `mode`, atomically.
 pub fn write_file(root: &Arc<Dir>, path: &WsPath, content: &[u8], mode: u32) -> anyhow::Result<()> {
     let (temp, mut file) = TempFile::create(root, path)?;
-    file.write_all(content)
-        .with_context(|| format!("cannot write {path}"))?;
+    file.write_all(content).with_context(|| format!("cannot write {path}"))?;
     temp.persist(&file, mode)
 }
 
 /// Copies the file `from` (relative to the root) to `path` with `mode`, atomically.
 pub fn copy_file(root: &Arc<Dir>, from: &Path, path: &WsPath, mode: u32) -> anyhow::Result<()> {
     let (temp, mut file) = TempFile::create(root, path)?;
-    let mut src = root
-        .open(from)
-        .with_context(|| format!("cannot open {}", from.display()))?;
-    io::copy(&mut src, &mut file)
-        .with_context(|| format!("cannot copy {} to {path}", from.display()))?;
+    let mut src = root.open(from).with_context(|| format!("cannot open {}", from.display()))?;
+    io::copy(&mut src, &mut file).with_context(|| format!("cannot copy {} to {path}", from.display()))?;
     temp.persist(&file, mode)
 }
 
@@ -154,8 +132,7 @@ pub fn copy_file(root: &Arc<Dir>, from: &Path, path: &WsPath, mode: u32) -> anyh
 /// link is never followed.
 pub fn write_symlink(root: &Dir, path: &WsPath, target: &[u8]) -> anyhow::Result<()> {
     let temp = temp_path_for(path);
-    root.symlink_contents(OsStr::from_bytes(target), &temp)
-        .with_context(|| format!("cannot create symlink {path}"))?;
+    root.symlink_contents(OsStr::from_bytes(target), &temp).with_context(|| format!("cannot create symlink {path}"))?;
     if let Err(e) = root.rename(&temp, root, path.as_str()) {
         let _ = root.remove_file(&temp);
         return Err(e).with_context(|| format!("cannot move symlink {path} into place"));
@@ -185,38 +162,11 @@ mod tests {
         let base = tmp.path().join("new/deeper");
         assert_eq!(std::fs::read(base.join("d/f")).unwrap(), b"hello");
         assert_eq!(std::fs::read(base.join("g")).unwrap(), b"hello");
-        assert_eq!(
-            std::fs::metadata(base.join("d/f"))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777,
-            0o640
-        );
-        assert_eq!(
-            std::fs::metadata(base.join("g"))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777,
-            0o755
-        );
-        assert_eq!(
-            std::fs::metadata(base.join("d"))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777,
-            0o555
-        );
-        assert_eq!(
-            std::fs::read_link(base.join("d/l")).unwrap(),
-            Path::new("../../../etc/passwd")
-        );
-        let names: Vec<_> = std::fs::read_dir(base.join("d"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        assert_eq!(std::fs::metadata(base.join("d/f")).unwrap().permissions().mode() & 0o777, 0o640);
+        assert_eq!(std::fs::metadata(base.join("g")).unwrap().permissions().mode() & 0o777, 0o755);
+        assert_eq!(std::fs::metadata(base.join("d")).unwrap().permissions().mode() & 0o777, 0o555);
+        assert_eq!(std::fs::read_link(base.join("d/l")).unwrap(), Path::new("../../../etc/passwd"));
+        let names: Vec<_> = std::fs::read_dir(base.join("d")).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 2, "no temporary files left: {names:?}");
         std::fs::set_permissions(base.join("d"), std::fs::Permissions::from_mode(0o755)).unwrap();
     }
@@ -246,10 +196,6 @@ mod tests {
         assert!(write_file(&root, &p("b/f"), b"x", 0o644).is_err());
         assert!(write_symlink(&root, &p("a/l"), b"x").is_err());
         assert!(create_dir(&root, &p("b/d")).is_err());
-        assert_eq!(
-            std::fs::read_dir(&outside).unwrap().count(),
-            0,
-            "nothing written outside"
-        );
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "nothing written outside");
     }
 }

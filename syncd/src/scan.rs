@@ -83,9 +83,7 @@ pub fn scan(root: &Path) -> anyhow::Result<LocalTree> {
             continue;
         }
         let local = entry.path().to_path_buf();
-        let ft = entry
-            .file_type()
-            .with_context(|| format!("cannot read the type of {}", local.display()))?;
+        let ft = entry.file_type().with_context(|| format!("cannot read the type of {}", local.display()))?;
         let kind = if ft.is_dir() {
             EntryKind::Dir
         } else if ft.is_file() {
@@ -101,18 +99,11 @@ pub fn scan(root: &Path) -> anyhow::Result<LocalTree> {
         let mode = match kind {
             EntryKind::Symlink => SYMLINK_MODE,
             _ => {
-                let m = entry
-                    .metadata()
-                    .with_context(|| format!("cannot stat {}", local.display()))?;
+                let m = entry.metadata().with_context(|| format!("cannot stat {}", local.display()))?;
                 m.permissions().mode() & MODE_MASK
             }
         };
-        found.push(Found {
-            path,
-            local,
-            kind,
-            mode,
-        });
+        found.push(Found { path, local, kind, mode });
     }
 
     let hashed: Vec<(Entry, Option<Source>)> = found
@@ -121,45 +112,21 @@ pub fn scan(root: &Path) -> anyhow::Result<LocalTree> {
             let (hash, size, source) = match f.kind {
                 EntryKind::Dir => (None, 0, None),
                 EntryKind::File => {
-                    let (h, n) = hash_file(&f.local)
-                        .with_context(|| format!("cannot read {}", f.local.display()))?;
-                    (
-                        Some(h),
-                        n,
-                        Some(Source::File {
-                            path: f.local,
-                            size: n,
-                        }),
-                    )
+                    let (h, n) = hash_file(&f.local).with_context(|| format!("cannot read {}", f.local.display()))?;
+                    (Some(h), n, Some(Source::File { path: f.local, size: n }))
                 }
                 EntryKind::Symlink => {
-                    let target = fs::read_link(&f.local)
-                        .with_context(|| format!("cannot read link {}", f.local.display()))?;
+                    let target =
+                        fs::read_link(&f.local).with_context(|| format!("cannot read link {}", f.local.display()))?;
                     let text = Bytes::copy_from_slice(target.as_os_str().as_bytes());
-                    (
-                        Some(ContentHash::of(&text)),
-                        text.len() as u64,
-                        Some(Source::Inline(text)),
-                    )
+                    (Some(ContentHash::of(&text)), text.len() as u64, Some(Source::Inline(text)))
                 }
             };
-            Ok((
-                Entry {
-                    path: f.path,
-                    kind: f.kind,
-                    hash,
-                    size,
-                    mode: f.mode,
-                },
-                source,
-            ))
+            Ok((Entry { path: f.path, kind: f.kind, hash, size, mode: f.mode }, source))
         })
         .collect::<anyhow::Result<_>>()?;
 
-    let mut tree = LocalTree {
-        skipped,
-        ..LocalTree::default()
-    };
+    let mut tree = LocalTree { skipped, ..LocalTree::default() };
     for (entry, source) in hashed {
         if let (Some(h), Some(s)) = (entry.hash, source) {
             tree.sources.entry(h).or_insert(s);
@@ -172,9 +139,8 @@ pub fn scan(root: &Path) -> anyhow::Result<LocalTree> {
 
 /// The workspace path of `local` below `root`: UTF-8 components joined by `/`.
 fn ws_path(root: &Path, local: &Path) -> anyhow::Result<WsPath> {
-    let rel = local
-        .strip_prefix(root)
-        .with_context(|| format!("{} is not below {}", local.display(), root.display()))?;
+    let rel =
+        local.strip_prefix(root).with_context(|| format!("{} is not below {}", local.display(), root.display()))?;
     let mut parts = Vec::new();
     for c in rel.components() {
         match c {
@@ -188,8 +154,7 @@ fn ws_path(root: &Path, local: &Path) -> anyhow::Result<WsPath> {
             _ => bail!("{}: unexpected path component", local.display()),
         }
     }
-    WsPath::new(parts.join("/"))
-        .with_context(|| format!("{}: not a valid workspace path", local.display()))
+    WsPath::new(parts.join("/")).with_context(|| format!("{}: not a valid workspace path", local.display()))
 }
 
 /// BLAKE3 of a file and the number of bytes hashed.
@@ -234,17 +199,7 @@ mod tests {
         let t = scan(r).unwrap();
         assert_eq!(
             paths(&t),
-            [
-                ".env",
-                "dangling",
-                "link",
-                "run.sh",
-                "src",
-                "src/empty",
-                "src/main.rs",
-                "sub",
-                "sub/.podfs"
-            ]
+            [".env", "dangling", "link", "run.sh", "src", "src/empty", "src/main.rs", "sub", "sub/.podfs"]
         );
         let get = |p: &str| t.entries.iter().find(|e| e.path.as_str() == p).unwrap();
         assert_eq!(get("run.sh").mode, 0o755);
@@ -253,16 +208,10 @@ mod tests {
         let l = get("link");
         assert_eq!((l.kind, l.mode, l.size), (EntryKind::Symlink, 0o777, 11));
         assert_eq!(l.hash, Some(ContentHash::of(b"src/main.rs")));
-        assert_eq!(
-            get("dangling").hash,
-            Some(ContentHash::of(b"/nonexistent/abs"))
-        );
+        assert_eq!(get("dangling").hash, Some(ContentHash::of(b"/nonexistent/abs")));
         let f = get("src/main.rs");
         assert_eq!(f.hash, Some(ContentHash::of(b"fn main() {}")));
-        assert!(matches!(
-            t.sources.get(&ContentHash::of(b"src/main.rs")),
-            Some(Source::Inline(_))
-        ));
+        assert!(matches!(t.sources.get(&ContentHash::of(b"src/main.rs")), Some(Source::Inline(_))));
     }
 
     #[test]
@@ -279,18 +228,13 @@ mod tests {
         fs::write(r.join("sub/secret"), b"x").unwrap();
         fs::write(r.join("secret"), b"x").unwrap();
         let t = scan(r).unwrap();
-        assert_eq!(
-            paths(&t),
-            [IGNORE_FILE, "keep.log", "secret", "sub", "sub/.podfsignore"]
-        );
+        assert_eq!(paths(&t), [IGNORE_FILE, "keep.log", "secret", "sub", "sub/.podfsignore"]);
     }
 
     #[test]
     fn big_files_hash_like_small_ones() {
         let tmp = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..3 * MMAP_HASH_THRESHOLD as usize + 7)
-            .map(|i| (i * 31 % 251) as u8)
-            .collect();
+        let data: Vec<u8> = (0..3 * MMAP_HASH_THRESHOLD as usize + 7).map(|i| (i * 31 % 251) as u8).collect();
         fs::write(tmp.path().join("big"), &data).unwrap();
         let (h, n) = hash_file(&tmp.path().join("big")).unwrap();
         assert_eq!((h, n), (ContentHash::of(&data), data.len() as u64));
@@ -302,21 +246,14 @@ mod tests {
         let name = std::ffi::OsStr::from_bytes(b"bad\xffname");
         fs::write(tmp.path().join(name), b"x").unwrap();
         let err = format!("{:#}", scan(tmp.path()).unwrap_err());
-        assert!(
-            err.contains("not valid UTF-8") && err.contains("bad"),
-            "{err}"
-        );
+        assert!(err.contains("not valid UTF-8") && err.contains("bad"), "{err}");
     }
 
     #[test]
     fn fifos_are_skipped() {
         let tmp = tempfile::tempdir().unwrap();
         let fifo = tmp.path().join("pipe");
-        let ok = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
+        let ok = std::process::Command::new("mkfifo").arg(&fifo).status().map(|s| s.success()).unwrap_or(false);
         if !ok {
             return; // no mkfifo here
         }

@@ -27,18 +27,12 @@ impl FromStr for Target {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (ws, version) = match s.split_once('@') {
             None => (s, VersionRef::Head),
-            Some((ws, v)) => (
-                ws,
-                v.parse().map_err(|_| TargetError::Version(v.to_string()))?,
-            ),
+            Some((ws, v)) => (ws, v.parse().map_err(|_| TargetError::Version(v.to_string()))?),
         };
         if !valid_workspace_name(ws) {
             return Err(TargetError::Workspace(ws.to_string()));
         }
-        Ok(Target {
-            workspace: ws.to_string(),
-            version,
-        })
+        Ok(Target { workspace: ws.to_string(), version })
     }
 }
 
@@ -50,11 +44,7 @@ impl fmt::Display for Target {
 
 /// A bare workspace name (no `@VERSION`), for clap.
 pub fn parse_workspace(s: &str) -> Result<String, TargetError> {
-    if valid_workspace_name(s) {
-        Ok(s.to_string())
-    } else {
-        Err(TargetError::Workspace(s.to_string()))
-    }
+    if valid_workspace_name(s) { Ok(s.to_string()) } else { Err(TargetError::Workspace(s.to_string())) }
 }
 
 #[cfg(test)]
@@ -69,38 +59,15 @@ mod tests {
 
     #[test]
     fn parses_forms() {
-        assert_eq!(
-            t("demo").unwrap(),
-            Target {
-                workspace: "demo".into(),
-                version: VersionRef::Head
-            }
-        );
+        assert_eq!(t("demo").unwrap(), Target { workspace: "demo".into(), version: VersionRef::Head });
         assert_eq!(t("demo@head").unwrap().version, VersionRef::Head);
-        assert_eq!(
-            t("my.ws-1@12").unwrap(),
-            Target {
-                workspace: "my.ws-1".into(),
-                version: VersionRef::Number(12)
-            }
-        );
+        assert_eq!(t("my.ws-1@12").unwrap(), Target { workspace: "my.ws-1".into(), version: VersionRef::Number(12) });
         assert_eq!(t("demo@0").unwrap().version, VersionRef::Number(0));
     }
 
     #[test]
     fn refuses_junk() {
-        for bad in [
-            "",
-            "@3",
-            "demo@",
-            "demo@x",
-            "demo@-1",
-            "demo@01",
-            "demo@3@4",
-            "a/b",
-            ".hidden",
-            "demo@HEAD",
-        ] {
+        for bad in ["", "@3", "demo@", "demo@x", "demo@-1", "demo@01", "demo@3@4", "a/b", ".hidden", "demo@HEAD"] {
             assert!(t(bad).is_err(), "{bad}");
         }
         assert!(matches!(t("demo@x"), Err(TargetError::Version(_))));

@@ -30,11 +30,7 @@ pub enum TokenCmd {
 
 pub async fn run(client: &Client, cmd: TokenCmd, out: &mut Output<'_>) -> anyhow::Result<()> {
     match cmd {
-        TokenCmd::Create {
-            workspace,
-            right,
-            name,
-        } => {
+        TokenCmd::Create { workspace, right, name } => {
             let right = match right {
                 TokenRight::Read => Right::Read,
                 TokenRight::Write => Right::Write,
@@ -44,11 +40,7 @@ pub async fn run(client: &Client, cmd: TokenCmd, out: &mut Output<'_>) -> anyhow
                 .await
                 .with_context(|| format!("cannot create a token for {workspace}"))?;
             if !out.json {
-                eprintln!(
-                    "{} token for workspace {} (shown once, keep it safe):",
-                    t.right.as_str(),
-                    t.workspace
-                );
+                eprintln!("{} token for workspace {} (shown once, keep it safe):", t.right.as_str(), t.workspace);
             }
             out.json_or(&t, |w| writeln!(w, "{}", t.token))
         }

@@ -29,17 +29,11 @@ pub enum WorkspaceCmd {
 pub async fn run(client: &Client, cmd: WorkspaceCmd, out: &mut Output<'_>) -> anyhow::Result<()> {
     match cmd {
         WorkspaceCmd::Create { name } => {
-            let ws = client
-                .create_workspace(&name)
-                .await
-                .with_context(|| format!("cannot create workspace {name}"))?;
+            let ws = client.create_workspace(&name).await.with_context(|| format!("cannot create workspace {name}"))?;
             out.json_or(&ws, |w| writeln!(w, "created workspace {}", ws.name))
         }
         WorkspaceCmd::List => {
-            let list = client
-                .list_workspaces()
-                .await
-                .context("cannot list workspaces")?;
+            let list = client.list_workspaces().await.context("cannot list workspaces")?;
             out.json_or(&list, |w| {
                 let rows: Vec<[String; 5]> = list
                     .workspaces
@@ -58,23 +52,14 @@ pub async fn run(client: &Client, cmd: WorkspaceCmd, out: &mut Output<'_>) -> an
             })
         }
         WorkspaceCmd::Delete { name } => {
-            client
-                .delete_workspace(&name)
-                .await
-                .with_context(|| format!("cannot delete workspace {name}"))?;
-            out.json_or(&serde_json::json!({ "deleted": name }), |w| {
-                writeln!(w, "deleted workspace {name}")
-            })
+            client.delete_workspace(&name).await.with_context(|| format!("cannot delete workspace {name}"))?;
+            out.json_or(&serde_json::json!({ "deleted": name }), |w| writeln!(w, "deleted workspace {name}"))
         }
     }
 }
 
 /// Left-aligned columns separated by two spaces.
-pub fn write_table<const N: usize>(
-    w: &mut dyn Write,
-    header: [&str; N],
-    rows: &[[String; N]],
-) -> std::io::Result<()> {
+pub fn write_table<const N: usize>(w: &mut dyn Write, header: [&str; N], rows: &[[String; N]]) -> std::io::Result<()> {
     let mut widths = header.map(str::len);
     for r in rows {
         for (i, c) in r.iter().enumerate() {

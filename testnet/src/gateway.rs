@@ -40,27 +40,14 @@ impl TestGateway {
         Self::start_owning(config, None).await
     }
 
-    async fn start_owning(
-        mut config: Config,
-        dir: Option<tempfile::TempDir>,
-    ) -> anyhow::Result<Self> {
+    async fn start_owning(mut config: Config, dir: Option<tempfile::TempDir>) -> anyhow::Result<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         config.listen = listener.local_addr()?;
         let state = podfs_gateway::server::build(config.clone()).await?;
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(podfs_gateway::server::serve(
-            listener,
-            state,
-            shutdown.clone(),
-        ));
-        Ok(Self {
-            url: format!("http://{}", config.listen),
-            config,
-            shutdown,
-            task: Some(task),
-            _dir: dir,
-        })
+        let task = tokio::spawn(podfs_gateway::server::serve(listener, state, shutdown.clone()));
+        Ok(Self { url: format!("http://{}", config.listen), config, shutdown, task: Some(task), _dir: dir })
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -82,10 +69,7 @@ impl TestGateway {
         argv.extend_from_slice(args);
         let mut out = Vec::new();
         let code = podfs_syncd::run_with(argv, &mut out).await;
-        (
-            code == std::process::ExitCode::SUCCESS,
-            String::from_utf8_lossy(&out).into_owned(),
-        )
+        (code == std::process::ExitCode::SUCCESS, String::from_utf8_lossy(&out).into_owned())
     }
 
     /// Stops serving and waits for in-flight requests.

@@ -25,6 +25,5 @@ pub mod tree;
 pub use proxy::FaultProxy;
 pub use s3::list_keys;
 pub use services::{
-    S3Env, Services, StoreUrl, TestDb, database_url_with_addr, fresh_database, fresh_s3_prefix,
-    store_url_with_endpoint,
+    S3Env, Services, StoreUrl, TestDb, database_url_with_addr, fresh_database, fresh_s3_prefix, store_url_with_endpoint,
 };

@@ -48,12 +48,7 @@ impl FaultProxy {
             forwarded: AtomicU64::new(0),
         });
         let accept_task = tokio::spawn(accept_loop(listener, target, shared.clone()));
-        Ok(Self {
-            addr,
-            target,
-            shared,
-            accept_task,
-        })
+        Ok(Self { addr, target, shared, accept_task })
     }
 
     /// Where clients connect.
@@ -292,19 +287,11 @@ mod tests {
         proxy.set_delay(Duration::from_millis(300));
         let t = std::time::Instant::now();
         assert!(works(proxy.addr()).await);
-        assert!(
-            t.elapsed() >= Duration::from_millis(300),
-            "{:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
         proxy.set_delay(Duration::ZERO);
         let t = std::time::Instant::now();
         assert!(works(proxy.addr()).await);
-        assert!(
-            t.elapsed() < Duration::from_millis(300),
-            "{:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < Duration::from_millis(300), "{:?}", t.elapsed());
 
         // Going down during the delay cuts the waiting connection too.
         proxy.set_delay(Duration::from_secs(60));
@@ -313,9 +300,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         proxy.set_down(true);
         let mut buf = [0u8; 1];
-        let read = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
-            .await
-            .expect("cut while waiting");
+        let read = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await.expect("cut while waiting");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     }
 
@@ -327,9 +312,7 @@ mod tests {
         assert_eq!(roundtrip(&mut open, b"hi").await.unwrap(), b"hi");
         drop(proxy);
         let mut buf = [0u8; 4];
-        let read = tokio::time::timeout(Duration::from_secs(2), open.read(&mut buf))
-            .await
-            .expect("cut on drop");
+        let read = tokio::time::timeout(Duration::from_secs(2), open.read(&mut buf)).await.expect("cut on drop");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     }
 }

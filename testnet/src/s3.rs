@@ -36,10 +36,7 @@ pub fn client(env: &S3Env) -> aws_sdk_s3::Client {
 }
 
 fn env_for(store_url: &str) -> anyhow::Result<(S3Env, StoreUrl)> {
-    Ok((
-        S3Env::for_store_url(store_url)?,
-        StoreUrl::parse(store_url)?,
-    ))
+    Ok((S3Env::for_store_url(store_url)?, StoreUrl::parse(store_url)?))
 }
 
 /// Every object key under `store_url`'s prefix (full keys, sorted), e.g. for
@@ -50,25 +47,12 @@ pub async fn list_keys(store_url: &str) -> anyhow::Result<Vec<String>> {
 }
 
 /// Every key in `bucket` starting with `prefix`, sorted.
-pub async fn list_keys_with(
-    client: &aws_sdk_s3::Client,
-    bucket: &str,
-    prefix: &str,
-) -> anyhow::Result<Vec<String>> {
+pub async fn list_keys_with(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> anyhow::Result<Vec<String>> {
     let mut keys = Vec::new();
-    let mut pages = client
-        .list_objects_v2()
-        .bucket(bucket)
-        .prefix(prefix)
-        .into_paginator()
-        .send();
+    let mut pages = client.list_objects_v2().bucket(bucket).prefix(prefix).into_paginator().send();
     while let Some(page) = pages.next().await {
         let page = page.with_context(|| format!("ListObjectsV2 s3://{bucket}/{prefix}"))?;
-        keys.extend(
-            page.contents()
-                .iter()
-                .filter_map(|o| o.key().map(str::to_owned)),
-        );
+        keys.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_owned)));
     }
     keys.sort();
     Ok(keys)
@@ -105,10 +89,7 @@ pub async fn put_object(store_url: &str, key: &str, bytes: Vec<u8>) -> anyhow::R
 /// without a prefix (it would empty the bucket).
 pub async fn delete_prefix(store_url: &str) -> anyhow::Result<usize> {
     let (env, url) = env_for(store_url)?;
-    anyhow::ensure!(
-        !url.prefix.is_empty(),
-        "refusing to delete a whole bucket ({store_url})"
-    );
+    anyhow::ensure!(!url.prefix.is_empty(), "refusing to delete a whole bucket ({store_url})");
     let client = client(&env);
     let keys = list_keys_with(&client, &url.bucket, &url.key_prefix()).await?;
     for key in &keys {
@@ -136,37 +117,19 @@ mod tests {
         let prefix = StoreUrl::parse(&store).unwrap().key_prefix();
         assert!(list_keys(&store).await.unwrap().is_empty());
 
-        put_object(&store, &format!("{prefix}b"), b"two".to_vec())
-            .await
-            .unwrap();
-        put_object(&store, &format!("{prefix}a"), b"one".to_vec())
-            .await
-            .unwrap();
+        put_object(&store, &format!("{prefix}b"), b"two".to_vec()).await.unwrap();
+        put_object(&store, &format!("{prefix}a"), b"one".to_vec()).await.unwrap();
         // A sibling prefix sharing the first characters is not listed.
         let sibling = format!("{}x/c", prefix.trim_end_matches('/'));
-        put_object(&store, &sibling, b"three".to_vec())
-            .await
-            .unwrap();
+        put_object(&store, &sibling, b"three".to_vec()).await.unwrap();
 
-        assert_eq!(
-            list_keys(&store).await.unwrap(),
-            vec![format!("{prefix}a"), format!("{prefix}b")]
-        );
-        assert_eq!(
-            get_object(&store, &format!("{prefix}a")).await.unwrap(),
-            b"one"
-        );
+        assert_eq!(list_keys(&store).await.unwrap(), vec![format!("{prefix}a"), format!("{prefix}b")]);
+        assert_eq!(get_object(&store, &format!("{prefix}a")).await.unwrap(), b"one");
         assert_eq!(delete_prefix(&store).await.unwrap(), 2);
         assert!(list_keys(&store).await.unwrap().is_empty());
 
         let env = services.s3.clone();
-        client(&env)
-            .delete_object()
-            .bucket(env.bucket())
-            .key(&sibling)
-            .send()
-            .await
-            .unwrap();
+        client(&env).delete_object().bucket(env.bucket()).key(&sibling).send().await.unwrap();
         let bucket_only = format!("s3://{}", env.bucket());
         assert!(delete_prefix(&bucket_only).await.is_err());
     }

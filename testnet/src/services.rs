@@ -69,15 +69,9 @@ impl Services {
         let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
         let pg_admin_url = get("PODFS_TEST_DATABASE_URL")
             .or_else(|| get("DATABASE_URL"))
-            .ok_or_else(|| {
-                anyhow!("PODFS_TEST_DATABASE_URL (or DATABASE_URL) is not set: {START_HINT}")
-            })?;
+            .ok_or_else(|| anyhow!("PODFS_TEST_DATABASE_URL (or DATABASE_URL) is not set: {START_HINT}"))?;
         let s3 = S3Env::from_lookup(&get)?;
-        Ok(Self {
-            pg_admin_url,
-            blob_store: s3.store_url.clone(),
-            s3,
-        })
+        Ok(Self { pg_admin_url, blob_store: s3.store_url.clone(), s3 })
     }
 
     /// `host:port` of the S3 endpoint (`127.0.0.1:3900`), e.g. as a [`crate::FaultProxy`]
@@ -86,11 +80,8 @@ impl Services {
     /// # Panics
     /// When there is no endpoint (AWS itself): a test setup error.
     pub fn s3_host_port(&self) -> String {
-        let endpoint = self
-            .s3
-            .endpoint
-            .as_deref()
-            .expect("an S3 endpoint (endpoint= in the store URL, or AWS_ENDPOINT_URL_S3)");
+        let endpoint =
+            self.s3.endpoint.as_deref().expect("an S3 endpoint (endpoint= in the store URL, or AWS_ENDPOINT_URL_S3)");
         endpoint_host_port(endpoint)
     }
 
@@ -119,9 +110,7 @@ impl S3Env {
     fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
         let store_url = get("PODFS_TEST_BLOB_STORE")
             .or_else(|| get("PODFS_BLOB_STORE"))
-            .ok_or_else(|| {
-                anyhow!("PODFS_TEST_BLOB_STORE (or PODFS_BLOB_STORE) is not set: {START_HINT}")
-            })?;
+            .ok_or_else(|| anyhow!("PODFS_TEST_BLOB_STORE (or PODFS_BLOB_STORE) is not set: {START_HINT}"))?;
         Self::for_store_url_with(store_url, get)
     }
 
@@ -133,38 +122,24 @@ impl S3Env {
         })
     }
 
-    fn for_store_url_with(
-        store_url: String,
-        get: &impl Fn(&str) -> Option<String>,
-    ) -> anyhow::Result<Self> {
+    fn for_store_url_with(store_url: String, get: &impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
         let url = StoreUrl::parse(&store_url)?;
-        let endpoint = url
-            .param("endpoint")
-            .or_else(|| get("AWS_ENDPOINT_URL_S3"))
-            .or_else(|| get("AWS_ENDPOINT_URL"));
+        let endpoint = url.param("endpoint").or_else(|| get("AWS_ENDPOINT_URL_S3")).or_else(|| get("AWS_ENDPOINT_URL"));
         let region = url
             .param("region")
             .or_else(|| get("AWS_REGION"))
             .or_else(|| get("AWS_DEFAULT_REGION"))
             .unwrap_or_else(|| "us-east-1".to_owned());
-        let access_key_id = get("AWS_ACCESS_KEY_ID")
-            .ok_or_else(|| anyhow!("AWS_ACCESS_KEY_ID is not set: {START_HINT}"))?;
-        let secret_access_key = get("AWS_SECRET_ACCESS_KEY")
-            .ok_or_else(|| anyhow!("AWS_SECRET_ACCESS_KEY is not set: {START_HINT}"))?;
-        Ok(Self {
-            store_url,
-            endpoint,
-            region,
-            access_key_id,
-            secret_access_key,
-        })
+        let access_key_id =
+            get("AWS_ACCESS_KEY_ID").ok_or_else(|| anyhow!("AWS_ACCESS_KEY_ID is not set: {START_HINT}"))?;
+        let secret_access_key =
+            get("AWS_SECRET_ACCESS_KEY").ok_or_else(|| anyhow!("AWS_SECRET_ACCESS_KEY is not set: {START_HINT}"))?;
+        Ok(Self { store_url, endpoint, region, access_key_id, secret_access_key })
     }
 
     /// The bucket of [`S3Env::store_url`].
     pub fn bucket(&self) -> String {
-        StoreUrl::parse(&self.store_url)
-            .map(|u| u.bucket)
-            .unwrap_or_default()
+        StoreUrl::parse(&self.store_url).map(|u| u.bucket).unwrap_or_default()
     }
 
     /// Environment variables giving a gateway process these credentials and this endpoint
@@ -196,9 +171,7 @@ pub struct StoreUrl {
 impl StoreUrl {
     /// Parses `s3://bucket[/prefix][?k=v&...]`.
     pub fn parse(url: &str) -> anyhow::Result<Self> {
-        let rest = url
-            .strip_prefix("s3://")
-            .ok_or_else(|| anyhow!("not an s3:// store URL: {url}"))?;
+        let rest = url.strip_prefix("s3://").ok_or_else(|| anyhow!("not an s3:// store URL: {url}"))?;
         let (path, query) = match rest.split_once('?') {
             Some((p, q)) => (p, q),
             None => (rest, ""),
@@ -218,20 +191,12 @@ impl StoreUrl {
                 None => (kv.to_owned(), String::new()),
             })
             .collect();
-        Ok(Self {
-            bucket: bucket.to_owned(),
-            prefix: prefix.to_owned(),
-            query,
-        })
+        Ok(Self { bucket: bucket.to_owned(), prefix: prefix.to_owned(), query })
     }
 
     /// The value of a query parameter, percent-decoded.
     pub fn param(&self, name: &str) -> Option<String> {
-        self.query
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| percent_decode(v))
-            .filter(|v| !v.is_empty())
+        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| percent_decode(v)).filter(|v| !v.is_empty())
     }
 
     /// Sets (or adds) a query parameter; `value` is written as is (endpoint URLs need no escaping).
@@ -244,11 +209,7 @@ impl StoreUrl {
 
     /// The key prefix objects of this store share: `prefix/`, or empty for the bucket root.
     pub fn key_prefix(&self) -> String {
-        if self.prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{}/", self.prefix)
-        }
+        if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) }
     }
 }
 
@@ -298,9 +259,7 @@ fn percent_decode(s: &str) -> String {
 
 /// `n` random bytes as lowercase hex.
 pub fn random_hex(n: usize) -> String {
-    (0..n)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect()
+    (0..n).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
 }
 
 /// The same store (bucket and query parameters) with a unique prefix appended:
@@ -312,11 +271,7 @@ pub fn random_hex(n: usize) -> String {
 pub fn fresh_s3_prefix(store_url: &str) -> String {
     let mut url = StoreUrl::parse(store_url).expect("a valid s3:// store URL");
     let leaf = format!("t-{}", random_hex(8));
-    url.prefix = if url.prefix.is_empty() {
-        leaf
-    } else {
-        format!("{}/{leaf}", url.prefix)
-    };
+    url.prefix = if url.prefix.is_empty() { leaf } else { format!("{}/{leaf}", url.prefix) };
     url.to_string()
 }
 
@@ -341,21 +296,14 @@ pub fn endpoint_host_port(endpoint: &str) -> String {
     if has_port {
         authority.to_owned()
     } else {
-        let port = if scheme.eq_ignore_ascii_case("https") {
-            443
-        } else {
-            80
-        };
+        let port = if scheme.eq_ignore_ascii_case("https") { 443 } else { 80 };
         format!("{authority}:{port}")
     }
 }
 
 /// A PostgreSQL URL with another database name (`postgres://u:p@h:5432/db?x` -> `.../name?x`).
 pub fn database_url_with_name(url: &str, name: &str) -> anyhow::Result<String> {
-    let scheme_end = url
-        .find("://")
-        .ok_or_else(|| anyhow!("not a database URL: {url}"))?
-        + 3;
+    let scheme_end = url.find("://").ok_or_else(|| anyhow!("not a database URL: {url}"))? + 3;
     let after = &url[scheme_end..];
     let authority_len = after.find(['/', '?', '#']).unwrap_or(after.len());
     let (authority, rest) = after.split_at(authority_len);
@@ -366,10 +314,7 @@ pub fn database_url_with_name(url: &str, name: &str) -> anyhow::Result<String> {
 
 /// A PostgreSQL URL with its host and port replaced (e.g. by a [`crate::FaultProxy`]'s address).
 pub fn database_url_with_addr(url: &str, addr: std::net::SocketAddr) -> anyhow::Result<String> {
-    let scheme_end = url
-        .find("://")
-        .ok_or_else(|| anyhow!("not a database URL: {url}"))?
-        + 3;
+    let scheme_end = url.find("://").ok_or_else(|| anyhow!("not a database URL: {url}"))? + 3;
     let after = &url[scheme_end..];
     let authority_len = after.find(['/', '?', '#']).unwrap_or(after.len());
     let (authority, rest) = after.split_at(authority_len);
@@ -390,10 +335,7 @@ pub struct TestDb {
 
 impl fmt::Debug for TestDb {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TestDb")
-            .field("name", &self.name)
-            .field("url", &self.url)
-            .finish()
+        f.debug_struct("TestDb").field("name", &self.name).field("url", &self.url).finish()
     }
 }
 
@@ -428,16 +370,14 @@ impl Drop for TestDb {
         let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
         let (done_tx, done_rx) = mpsc::channel();
         // A thread with its own runtime: Drop may run inside or outside a runtime, on any flavour.
-        let spawned = std::thread::Builder::new()
-            .name("testdb-drop".into())
-            .spawn(move || {
-                let result = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(anyhow::Error::from)
-                    .and_then(|rt| rt.block_on(drop_database(&admin_url, &name)));
-                let _ = done_tx.send(result);
-            });
+        let spawned = std::thread::Builder::new().name("testdb-drop".into()).spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(drop_database(&admin_url, &name)));
+            let _ = done_tx.send(result);
+        });
         if spawned.is_err() {
             return;
         }
@@ -456,41 +396,25 @@ fn quote_ident(name: &str) -> String {
 /// Creates `podfs_t_<random hex>` through `admin_url` (a role with CREATEDB) and returns it.
 pub async fn fresh_database(admin_url: &str) -> anyhow::Result<TestDb> {
     let name = format!("podfs_t_{}", random_hex(8));
-    let mut conn = PgConnection::connect(admin_url).await.with_context(|| {
-        format!(
-            "connecting to PostgreSQL at {} ({START_HINT})",
-            redact_url(admin_url)
-        )
-    })?;
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "CREATE DATABASE {}",
-        quote_ident(&name)
-    )))
-    .execute(&mut conn)
-    .await
-    .with_context(|| format!("creating database {name} (the role needs CREATEDB)"))?;
+    let mut conn = PgConnection::connect(admin_url)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {} ({START_HINT})", redact_url(admin_url)))?;
+    sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {}", quote_ident(&name))))
+        .execute(&mut conn)
+        .await
+        .with_context(|| format!("creating database {name} (the role needs CREATEDB)"))?;
     let _ = conn.close().await;
-    Ok(TestDb {
-        url: database_url_with_name(admin_url, &name)?,
-        name,
-        admin_url: admin_url.to_owned(),
-        dropped: false,
-    })
+    Ok(TestDb { url: database_url_with_name(admin_url, &name)?, name, admin_url: admin_url.to_owned(), dropped: false })
 }
 
 async fn drop_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
     let mut conn = PgConnection::connect(admin_url).await?;
     let quoted = quote_ident(name);
     // WITH (FORCE) (PostgreSQL 13+) ends the connections a gateway's pool still holds.
-    let forced = sqlx::raw_sql(AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"
-    )))
-    .execute(&mut conn)
-    .await;
+    let forced =
+        sqlx::raw_sql(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))).execute(&mut conn).await;
     if forced.is_err() {
-        sqlx::raw_sql(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {quoted}")))
-            .execute(&mut conn)
-            .await?;
+        sqlx::raw_sql(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {quoted}"))).execute(&mut conn).await?;
     }
     let _ = conn.close().await;
     Ok(())
@@ -505,12 +429,9 @@ pub fn redact_url(url: &str) -> String {
     let authority_len = after.find(['/', '?', '#']).unwrap_or(after.len());
     let authority = &after[..authority_len];
     match (authority.rfind('@'), authority.find(':')) {
-        (Some(at), Some(colon)) if colon < at => format!(
-            "{}{}:***{}",
-            &url[..scheme_end],
-            &authority[..colon],
-            &url[scheme_end + at..]
-        ),
+        (Some(at), Some(colon)) if colon < at => {
+            format!("{}{}:***{}", &url[..scheme_end], &authority[..colon], &url[scheme_end + at..])
+        }
         _ => url.to_owned(),
     }
 }
@@ -521,10 +442,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| map.get(k).cloned()
     }
 
@@ -532,40 +450,23 @@ mod tests {
     fn missing_env_says_how_to_start_services() {
         let err = Services::from_lookup(lookup(&[])).unwrap_err().to_string();
         assert!(err.contains("scripts/dev-services up"), "{err}");
-        let err = Services::from_lookup(lookup(&[("DATABASE_URL", "postgres://h/db")]))
-            .unwrap_err()
-            .to_string();
+        let err = Services::from_lookup(lookup(&[("DATABASE_URL", "postgres://h/db")])).unwrap_err().to_string();
         assert!(err.contains("PODFS_BLOB_STORE"), "{err}");
     }
 
     #[test]
     fn reads_dev_services_env() {
         let s = Services::from_lookup(lookup(&[
-            (
-                "DATABASE_URL",
-                "postgres://podfs:podfs@127.0.0.1:5432/podfs",
-            ),
-            (
-                "PODFS_TEST_DATABASE_URL",
-                "postgres://podfs:podfs@127.0.0.1:5432/postgres",
-            ),
-            (
-                "PODFS_BLOB_STORE",
-                "s3://podfs-dev/blobs?endpoint=http://127.0.0.1:3900&region=garage",
-            ),
-            (
-                "PODFS_TEST_BLOB_STORE",
-                "s3://podfs-test/t?endpoint=http://127.0.0.1:3900&region=garage",
-            ),
+            ("DATABASE_URL", "postgres://podfs:podfs@127.0.0.1:5432/podfs"),
+            ("PODFS_TEST_DATABASE_URL", "postgres://podfs:podfs@127.0.0.1:5432/postgres"),
+            ("PODFS_BLOB_STORE", "s3://podfs-dev/blobs?endpoint=http://127.0.0.1:3900&region=garage"),
+            ("PODFS_TEST_BLOB_STORE", "s3://podfs-test/t?endpoint=http://127.0.0.1:3900&region=garage"),
             ("AWS_ACCESS_KEY_ID", "GKabc"),
             ("AWS_SECRET_ACCESS_KEY", "secret"),
             ("AWS_ENDPOINT_URL_S3", "http://elsewhere:1"),
         ]))
         .unwrap();
-        assert_eq!(
-            s.pg_admin_url,
-            "postgres://podfs:podfs@127.0.0.1:5432/postgres"
-        );
+        assert_eq!(s.pg_admin_url, "postgres://podfs:podfs@127.0.0.1:5432/postgres");
         assert_eq!(s.s3.bucket(), "podfs-test");
         assert_eq!(s.s3.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
         assert_eq!(s.s3.region, "garage");
@@ -601,10 +502,7 @@ mod tests {
         assert_eq!(parsed.key_prefix(), "pre/fix/");
         assert_eq!(parsed.to_string(), u);
         assert_eq!(
-            StoreUrl::parse("s3://b?endpoint=http%3A%2F%2Fh%3A1")
-                .unwrap()
-                .param("endpoint")
-                .as_deref(),
+            StoreUrl::parse("s3://b?endpoint=http%3A%2F%2Fh%3A1").unwrap().param("endpoint").as_deref(),
             Some("http://h:1")
         );
 
@@ -614,12 +512,7 @@ mod tests {
         assert!(f.prefix.starts_with("pre/fix/t-"), "{fresh}");
         assert_eq!(f.query, parsed.query);
         assert_ne!(fresh, fresh_s3_prefix(u));
-        assert!(
-            StoreUrl::parse(&fresh_s3_prefix("s3://b"))
-                .unwrap()
-                .prefix
-                .starts_with("t-")
-        );
+        assert!(StoreUrl::parse(&fresh_s3_prefix("s3://b")).unwrap().prefix.starts_with("t-"));
 
         assert_eq!(
             store_url_with_endpoint(u, "http://127.0.0.1:4000").unwrap(),
@@ -639,15 +532,9 @@ mod tests {
         let db = services.fresh_database().await.unwrap();
         assert!(db.name.starts_with("podfs_t_"));
         let mut conn = PgConnection::connect(db.url()).await.unwrap();
-        let (current,): (String,) = sqlx::query_as("SELECT current_database()")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
+        let (current,): (String,) = sqlx::query_as("SELECT current_database()").fetch_one(&mut conn).await.unwrap();
         assert_eq!(current, db.name);
-        sqlx::raw_sql("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
-            .execute(&mut conn)
-            .await
-            .unwrap();
+        sqlx::raw_sql("CREATE TABLE t (x int); INSERT INTO t VALUES (1)").execute(&mut conn).await.unwrap();
 
         // Dropping the guard drops the database, even with a connection still open.
         let name = db.name.clone();
@@ -674,14 +561,8 @@ mod tests {
 
     #[test]
     fn endpoints() {
-        assert_eq!(
-            endpoint_host_port("http://127.0.0.1:3900"),
-            "127.0.0.1:3900"
-        );
-        assert_eq!(
-            endpoint_host_port("http://127.0.0.1:3900/"),
-            "127.0.0.1:3900"
-        );
+        assert_eq!(endpoint_host_port("http://127.0.0.1:3900"), "127.0.0.1:3900");
+        assert_eq!(endpoint_host_port("http://127.0.0.1:3900/"), "127.0.0.1:3900");
         assert_eq!(endpoint_host_port("https://s3.example"), "s3.example:443");
         assert_eq!(endpoint_host_port("http://[::1]"), "[::1]:80");
         assert_eq!(endpoint_host_port("http://[::1]:3900"), "[::1]:3900");
@@ -689,24 +570,14 @@ mod tests {
 
     #[test]
     fn database_urls() {
-        assert_eq!(
-            database_url_with_name("postgres://u:p@h:5432/postgres", "x").unwrap(),
-            "postgres://u:p@h:5432/x"
-        );
+        assert_eq!(database_url_with_name("postgres://u:p@h:5432/postgres", "x").unwrap(), "postgres://u:p@h:5432/x");
         assert_eq!(
             database_url_with_name("postgres://h:5432/postgres?sslmode=disable", "x").unwrap(),
             "postgres://h:5432/x?sslmode=disable"
         );
+        assert_eq!(database_url_with_name("postgres://h", "x").unwrap(), "postgres://h/x");
         assert_eq!(
-            database_url_with_name("postgres://h", "x").unwrap(),
-            "postgres://h/x"
-        );
-        assert_eq!(
-            database_url_with_addr(
-                "postgres://u:p@127.0.0.1:5432/db?a=b",
-                "127.0.0.1:9".parse().unwrap()
-            )
-            .unwrap(),
+            database_url_with_addr("postgres://u:p@127.0.0.1:5432/db?a=b", "127.0.0.1:9".parse().unwrap()).unwrap(),
             "postgres://u:p@127.0.0.1:9/db?a=b"
         );
         assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:***@h/db");

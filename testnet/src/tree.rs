@@ -42,13 +42,8 @@ pub fn make_edge_tree(root: &Path, spec: EdgeTree) -> std::io::Result<()> {
         let dir = root.join(format!("src/deep/er/still/pkg{}", i % 50));
         fs::create_dir_all(&dir)?;
         let n = rng.random_range(10..3000);
-        let body: String = (0..n)
-            .map(|_| (b'a' + rng.random_range(0..26u8)) as char)
-            .collect();
-        fs::write(
-            dir.join(format!("m{i}.js")),
-            format!("module {i}\n{body}\n"),
-        )?;
+        let body: String = (0..n).map(|_| (b'a' + rng.random_range(0..26u8)) as char).collect();
+        fs::write(dir.join(format!("m{i}.js")), format!("module {i}\n{body}\n"))?;
     }
     Ok(())
 }
@@ -69,11 +64,7 @@ pub fn read_tree(root: &Path) -> std::io::Result<BTreeMap<String, Node>> {
         for e in std::fs::read_dir(&dir)? {
             let e = e?;
             let path = e.path();
-            let rel = path
-                .strip_prefix(root)
-                .map_err(std::io::Error::other)?
-                .to_string_lossy()
-                .into_owned();
+            let rel = path.strip_prefix(root).map_err(std::io::Error::other)?.to_string_lossy().into_owned();
             if rel == ".podfs" {
                 continue;
             }
@@ -110,10 +101,5 @@ pub fn assert_same_tree(expected: &Path, actual: &Path) {
     for p in b.keys().filter(|p| !a.contains_key(*p)) {
         diffs.push(format!("extra {p}"));
     }
-    assert!(
-        diffs.is_empty(),
-        "{} differences, first: {:#?}",
-        diffs.len(),
-        &diffs[..diffs.len().min(10)]
-    );
+    assert!(diffs.is_empty(), "{} differences, first: {:#?}", diffs.len(), &diffs[..diffs.len().min(10)]);
 }

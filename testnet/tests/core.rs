@@ -10,7 +10,9 @@ use podfs_protocol::{Change, ContentHash, Entry, EntryKind, VersionRef, WsPath};
 use podfs_syncd::{PullOptions, PushOptions, pull, push};
 use podfs_testnet::gateway::TestGateway;
 use podfs_testnet::proxy::FaultProxy;
-use podfs_testnet::services::{Services, database_url_with_addr, fresh_database, fresh_s3_prefix, store_url_with_endpoint};
+use podfs_testnet::services::{
+    Services, database_url_with_addr, fresh_database, fresh_s3_prefix, store_url_with_endpoint,
+};
 use podfs_testnet::tree::{EdgeTree, assert_same_tree, make_edge_tree};
 
 const FULL: EdgeTree = EdgeTree { big_file_bytes: 50 << 20, small_files: 5000 };
@@ -77,7 +79,9 @@ async fn versions_diff_and_stale_parent() {
     std::fs::remove_file(src.join("empty.txt")).expect("delete");
     std::fs::write(src.join("new.txt"), "new\n").expect("add");
     std::fs::remove_dir(src.join("empty dir/nested empty")).expect("rmdir");
-    let r2 = push(&client, "v", &src, PushOptions { message: Some("second".into()), ..Default::default() }).await.expect("push 2");
+    let r2 = push(&client, "v", &src, PushOptions { message: Some("second".into()), ..Default::default() })
+        .await
+        .expect("push 2");
     assert_eq!((r2.version, r2.changes), (2, 4));
 
     // version 1 is still the original
@@ -211,7 +215,8 @@ async fn s3_outage_during_push_leaves_no_partial_version() {
     let host_port = endpoint.split_once("://").map_or(endpoint.as_str(), |x| x.1).trim_end_matches('/').to_string();
     let s3_addr = tokio::net::lookup_host(host_port).await.expect("resolve").next().expect("s3 addr");
     let proxy = FaultProxy::start(s3_addr).await.expect("proxy");
-    let store = store_url_with_endpoint(&fresh_s3_prefix(&s.s3.store_url), &proxy.http_url()).expect("proxied store URL");
+    let store =
+        store_url_with_endpoint(&fresh_s3_prefix(&s.s3.store_url), &proxy.http_url()).expect("proxied store URL");
     let gw = TestGateway::with_services(&db.url, &store).await.expect("gateway");
     let client = gw.client();
     client.create_workspace("s3").await.expect("create");

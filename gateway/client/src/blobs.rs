@@ -6,15 +6,15 @@
 //! a caller's writer and reports success only after the whole content matched (the writer holds
 //! unverified bytes on failure: give it a temporary file and drop that on error).
 
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
 use podfs_protocol::ContentHash;
-use podfs_protocol::api::{
-    BlobLocation, BlobLocations, BlobUploaded, HashBatch, MAX_HASH_BATCH, MissingBlobs,
-};
+use podfs_protocol::api::{BlobLocation, BlobLocations, BlobUploaded, HashBatch, MAX_HASH_BATCH, MissingBlobs};
 use podfs_protocol::blob::{self, HEADER_LEN};
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::{Body, Method, Response, Url};
@@ -31,28 +31,18 @@ const STREAM_BUF: usize = 256 * 1024;
 /// The most bytes a stored blob of `content_len` content bytes can take: the 16-byte header plus
 /// the content, or a zstd frame of it (zstd's worst case is `n + n/256 + 64`).
 pub fn max_stored_len(content_len: u64) -> u64 {
-    content_len
-        .saturating_add(content_len / 128)
-        .saturating_add(HEADER_LEN as u64 + 1024)
+    content_len.saturating_add(content_len / 128).saturating_add(HEADER_LEN as u64 + 1024)
 }
 
 impl Client {
     /// `POST .../blobs/missing`: the hashes of `hashes` the gateway does not hold, in request
     /// order. Sends batches of at most [`MAX_HASH_BATCH`].
-    pub async fn missing_blobs(
-        &self,
-        ws: &str,
-        hashes: &[ContentHash],
-    ) -> Result<Vec<ContentHash>> {
+    pub async fn missing_blobs(&self, ws: &str, hashes: &[ContentHash]) -> Result<Vec<ContentHash>> {
         let url = self.url(["v1", "workspaces", ws, "blobs", "missing"]);
         let mut missing = Vec::new();
         for chunk in hashes.chunks(MAX_HASH_BATCH) {
-            let body = HashBatch {
-                hashes: chunk.to_vec(),
-            };
-            let r: MissingBlobs = self
-                .call_json("missing blobs", || self.post_json(url.clone(), &body))
-                .await?;
+            let body = HashBatch { hashes: chunk.to_vec() };
+            let r: MissingBlobs = self.call_json("missing blobs", || self.post_json(url.clone(), &body)).await?;
             missing.extend(r.missing);
         }
         Ok(missing)
@@ -60,12 +50,7 @@ impl Client {
 
     /// `PUT .../blobs/{hash}` with the content in memory. Uploads are idempotent (content
     /// addressed) and retried. 400 `hash_mismatch` when `content` does not hash to `hash`.
-    pub async fn put_blob(
-        &self,
-        ws: &str,
-        hash: &ContentHash,
-        content: Bytes,
-    ) -> Result<BlobUploaded> {
+    pub async fn put_blob(&self, ws: &str, hash: &ContentHash, content: Bytes) -> Result<BlobUploaded> {
         let url = self.url(["v1", "workspaces", ws, "blobs", &hash.to_hex()]);
         self.call_json("upload blob", || {
             self.request(Method::PUT, url.clone())
@@ -78,13 +63,7 @@ impl Client {
     /// `PUT .../blobs/{hash}` streaming `size` bytes from the file at `path`, never holding it
     /// whole in memory. The file is reopened on each attempt; a file whose length is no longer
     /// `size` fails with [`Error::Io`] (it changed since it was hashed).
-    pub async fn put_blob_file(
-        &self,
-        ws: &str,
-        hash: &ContentHash,
-        path: &Path,
-        size: u64,
-    ) -> Result<BlobUploaded> {
+    pub async fn put_blob_file(&self, ws: &str, hash: &ContentHash, path: &Path, size: u64) -> Result<BlobUploaded> {
         let url = self.url(["v1", "workspaces", ws, "blobs", &hash.to_hex()]);
         crate::retry::retry(self.retry_policy(), "upload blob", || async {
             let file = tokio::fs::File::open(path).await?;
@@ -110,17 +89,10 @@ impl Client {
     /// [`MAX_HASH_BATCH`]; `expires_in_secs` is the shortest of the batches'.
     pub async fn blob_locations(&self, ws: &str, hashes: &[ContentHash]) -> Result<BlobLocations> {
         let url = self.url(["v1", "workspaces", ws, "blobs", "locations"]);
-        let mut out = BlobLocations {
-            expires_in_secs: u64::MAX,
-            locations: Vec::with_capacity(hashes.len()),
-        };
+        let mut out = BlobLocations { expires_in_secs: u64::MAX, locations: Vec::with_capacity(hashes.len()) };
         for chunk in hashes.chunks(MAX_HASH_BATCH) {
-            let body = HashBatch {
-                hashes: chunk.to_vec(),
-            };
-            let r: BlobLocations = self
-                .call_json("blob locations", || self.post_json(url.clone(), &body))
-                .await?;
+            let body = HashBatch { hashes: chunk.to_vec() };
+            let r: BlobLocations = self.call_json("blob locations", || self.post_json(url.clone(), &body)).await?;
             out.expires_in_secs = out.expires_in_secs.min(r.expires_in_secs);
             out.locations.extend(r.locations);
         }
@@ -148,16 +120,12 @@ impl Client {
             let mut resp = self.open_location(loc).await?;
             let too_big = || Error::Corrupt {
                 hash: loc.hash,
-                source: blob::BlobError::Length {
-                    expected: max_content_len,
-                    actual: u64::MAX,
-                },
+                source: blob::BlobError::Length { expected: max_content_len, actual: u64::MAX },
             };
             if resp.content_length().is_some_and(|n| n > cap) {
                 return Err(too_big());
             }
-            let mut stored =
-                Vec::with_capacity(resp.content_length().unwrap_or(0).min(cap) as usize);
+            let mut stored = Vec::with_capacity(resp.content_length().unwrap_or(0).min(cap) as usize);
             while let Some(chunk) = resp.chunk().await.map_err(Error::Transport)? {
                 if stored.len() as u64 + chunk.len() as u64 > cap {
                     return Err(too_big());
@@ -178,12 +146,14 @@ impl Client {
     {
         let resp = self.open_location(loc).await?;
         let stream = resp.bytes_stream().map_err(io::Error::other);
-        let reader = SyncIoBridge::new(StreamReader::new(stream));
+        // Dropping this future (the caller gave up) stops the blocking copy at its next read.
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let _guard = CancelOnDrop(Arc::clone(&cancelled));
+        let reader = CancellableRead { inner: SyncIoBridge::new(StreamReader::new(stream)), cancelled };
         let hash = loc.hash;
         tokio::task::spawn_blocking(move || {
             let mut sink = BufWriter::with_capacity(STREAM_BUF, MarkedWriter(out));
-            let n =
-                blob::decode_to(reader, &hash, &mut sink).map_err(|e| Error::from_blob(hash, e))?;
+            let n = blob::decode_to(reader, &hash, &mut sink).map_err(|e| Error::from_blob(hash, e))?;
             let out = sink.into_inner().map_err(|e| Error::Io(e.into_error()))?;
             Ok((out.0, n))
         })
@@ -195,24 +165,12 @@ impl Client {
     /// any credentials for presigned ones.
     async fn open_location(&self, loc: &BlobLocation) -> Result<Response> {
         let (url, presigned) = self.location_url(loc)?;
-        let req = if presigned {
-            self.anonymous(Method::GET, url)
-        } else {
-            self.request(Method::GET, url)
-        };
+        let req = if presigned { self.anonymous(Method::GET, url) } else { self.request(Method::GET, url) };
         match send(req).await {
             // Object stores refuse an expired signature with 403 (AWS) or 400 (Garage: "Date is
             // too old"); either way the cure is a fresh URL.
-            Err(Error::Api {
-                status,
-                code,
-                message,
-            }) if presigned && matches!(status.as_u16(), 400 | 401 | 403) => {
-                Err(Error::LocationExpired {
-                    hash: loc.hash,
-                    status,
-                    message: format!("{code}: {message}"),
-                })
+            Err(Error::Api { status, code, message }) if presigned && matches!(status.as_u16(), 400 | 401 | 403) => {
+                Err(Error::LocationExpired { hash: loc.hash, status, message: format!("{code}: {message}") })
             }
             other => other,
         }
@@ -224,15 +182,10 @@ impl Client {
         if loc.url.starts_with('/') {
             return Ok((self.gateway_path_url(&loc.url)?, !loc.gateway));
         }
-        let url = Url::parse(&loc.url).map_err(|e| Error::InvalidUrl {
-            url: loc.url.clone(),
-            message: e.to_string(),
-        })?;
+        let url =
+            Url::parse(&loc.url).map_err(|e| Error::InvalidUrl { url: loc.url.clone(), message: e.to_string() })?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(Error::InvalidUrl {
-                url: loc.url.clone(),
-                message: "not an http(s) URL".into(),
-            });
+            return Err(Error::InvalidUrl { url: loc.url.clone(), message: "not an http(s) URL".into() });
         }
         let to_gateway = loc.gateway && self.same_origin(&url);
         if loc.gateway && !to_gateway {
@@ -242,38 +195,49 @@ impl Client {
     }
 }
 
+/// Sets its flag when dropped.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A reader that fails once its flag is set.
+struct CancellableRead<R> {
+    inner: R,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl<R: Read> Read for CancellableRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.cancelled.load(Ordering::Relaxed) {
+            return Err(io::Error::other("download cancelled"));
+        }
+        self.inner.read(buf)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn loc(url: &str, gateway: bool) -> BlobLocation {
-        BlobLocation {
-            hash: ContentHash::of(b"x"),
-            url: url.into(),
-            gateway,
-        }
+        BlobLocation { hash: ContentHash::of(b"x"), url: url.into(), gateway }
     }
 
     #[test]
     fn token_only_goes_to_the_gateway() {
         let c = Client::new("http://gw:7070", Some("t".into())).expect("client");
-        let (u, presigned) = c
-            .location_url(&loc("/v1/workspaces/a/blobs/ab", true))
-            .expect("url");
+        let (u, presigned) = c.location_url(&loc("/v1/workspaces/a/blobs/ab", true)).expect("url");
         assert_eq!(u.as_str(), "http://gw:7070/v1/workspaces/a/blobs/ab");
         assert!(!presigned);
-        let (_, presigned) = c
-            .location_url(&loc("http://s3:3900/b/k?X-Amz-Signature=1", false))
-            .expect("url");
+        let (_, presigned) = c.location_url(&loc("http://s3:3900/b/k?X-Amz-Signature=1", false)).expect("url");
         assert!(presigned);
         let (_, presigned) = c.location_url(&loc("http://evil:1/x", true)).expect("url");
-        assert!(
-            presigned,
-            "no token to a foreign origin even when flagged gateway"
-        );
-        let (_, presigned) = c
-            .location_url(&loc("http://gw:7070/v1/x", true))
-            .expect("url");
+        assert!(presigned, "no token to a foreign origin even when flagged gateway");
+        let (_, presigned) = c.location_url(&loc("http://gw:7070/v1/x", true)).expect("url");
         assert!(!presigned);
         assert!(c.location_url(&loc("file:///etc/passwd", false)).is_err());
     }

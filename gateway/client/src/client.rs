@@ -55,23 +55,14 @@ impl Client {
         Self::with_retry_policy(base_url, token, RetryPolicy::default())
     }
 
-    pub fn with_retry_policy(
-        base_url: &str,
-        token: Option<String>,
-        retry: RetryPolicy,
-    ) -> Result<Self> {
-        let invalid = |message: &str| Error::InvalidUrl {
-            url: base_url.to_string(),
-            message: message.to_string(),
-        };
+    pub fn with_retry_policy(base_url: &str, token: Option<String>, retry: RetryPolicy) -> Result<Self> {
+        let invalid = |message: &str| Error::InvalidUrl { url: base_url.to_string(), message: message.to_string() };
         let base = Url::parse(base_url).map_err(|e| invalid(&e.to_string()))?;
         if !matches!(base.scheme(), "http" | "https") {
             return Err(invalid("the gateway URL must be http:// or https://"));
         }
         if base.cannot_be_a_base() || base.query().is_some() || base.fragment().is_some() {
-            return Err(invalid(
-                "the gateway URL must not carry a query or fragment",
-            ));
+            return Err(invalid("the gateway URL must not carry a query or fragment"));
         }
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
@@ -84,14 +75,7 @@ impl Client {
             .build()
             .map_err(Error::Transport)?;
         let token = token.filter(|t| !t.is_empty());
-        Ok(Self {
-            inner: Arc::new(Inner {
-                http,
-                base,
-                token,
-                retry,
-            }),
-        })
+        Ok(Self { inner: Arc::new(Inner { http, base, token, retry }) })
     }
 
     pub fn base_url(&self) -> &Url {
@@ -127,10 +111,7 @@ impl Client {
     /// URL's own path prefix.
     pub(crate) fn gateway_path_url(&self, path: &str) -> Result<Url> {
         let joined = format!("{}{}", self.inner.base.as_str().trim_end_matches('/'), path);
-        Url::parse(&joined).map_err(|e| Error::InvalidUrl {
-            url: path.to_string(),
-            message: e.to_string(),
-        })
+        Url::parse(&joined).map_err(|e| Error::InvalidUrl { url: path.to_string(), message: e.to_string() })
     }
 
     /// True when `url` points at the gateway itself (same scheme, host and port as the base).
@@ -159,10 +140,7 @@ impl Client {
         T: DeserializeOwned,
         F: Fn() -> RequestBuilder,
     {
-        retry(&self.inner.retry, what, || async {
-            decode_json(send(build()).await?).await
-        })
-        .await
+        retry(&self.inner.retry, what, || async { decode_json(send(build()).await?).await }).await
     }
 
     /// Like [`Self::call_json`] but resends only when the connection was never made.
@@ -171,18 +149,11 @@ impl Client {
         T: DeserializeOwned,
         F: Fn() -> RequestBuilder,
     {
-        retry_if(&self.inner.retry, what, Error::is_connect, || async {
-            decode_json(send(build()).await?).await
-        })
-        .await
+        retry_if(&self.inner.retry, what, Error::is_connect, || async { decode_json(send(build()).await?).await }).await
     }
 
     /// Sends an idempotent request, retrying, and returns the successful response unread.
-    pub(crate) async fn call(
-        &self,
-        what: &str,
-        build: impl Fn() -> RequestBuilder,
-    ) -> Result<Response> {
+    pub(crate) async fn call(&self, what: &str, build: impl Fn() -> RequestBuilder) -> Result<Response> {
         retry(&self.inner.retry, what, || send(build())).await
     }
 
@@ -216,33 +187,21 @@ pub(crate) async fn api_error(mut resp: Response) -> Error {
     }
     body.truncate(MAX_ERROR_BODY);
     if let Ok(e) = serde_json::from_slice::<ErrorBody>(&body) {
-        return Error::Api {
-            status,
-            code: e.code,
-            message: e.message,
-        };
+        return Error::Api { status, code: e.code, message: e.message };
     }
     let text = String::from_utf8_lossy(&body);
     let text = text.trim();
     if let Some(message) = xml_element(text, "Message") {
         // an S3-style error document
         let code = xml_element(text, "Code").unwrap_or(default_code(status));
-        return Error::Api {
-            status,
-            code: code.to_string(),
-            message: message.to_string(),
-        };
+        return Error::Api { status, code: code.to_string(), message: message.to_string() };
     }
     let message = if text.is_empty() {
         status.canonical_reason().unwrap_or("error").to_string()
     } else {
         text.chars().take(500).collect()
     };
-    Error::Api {
-        status,
-        code: default_code(status).to_string(),
-        message,
-    }
+    Error::Api { status, code: default_code(status).to_string(), message }
 }
 
 /// The text of the first `<name>...</name>` element of an XML document, if any.
@@ -272,10 +231,7 @@ fn default_code(status: StatusCode) -> &'static str {
 pub(crate) async fn decode_json<T: DeserializeOwned>(resp: Response) -> Result<T> {
     let url = resp.url().to_string();
     let body = resp.bytes().await.map_err(Error::Transport)?;
-    serde_json::from_slice(&body).map_err(|e| Error::Decode {
-        url,
-        message: e.to_string(),
-    })
+    serde_json::from_slice(&body).map_err(|e| Error::Decode { url, message: e.to_string() })
 }
 
 #[cfg(test)]
@@ -285,29 +241,19 @@ mod tests {
     #[test]
     fn urls_are_built_below_the_base() {
         let c = Client::new("http://127.0.0.1:7070", None).expect("client");
-        assert_eq!(
-            c.url(["v1", "workspaces", "a b"]).as_str(),
-            "http://127.0.0.1:7070/v1/workspaces/a%20b"
-        );
-        assert_eq!(
-            c.url(["x", "a/b?c#d"]).as_str(),
-            "http://127.0.0.1:7070/x/a%2Fb%3Fc%23d"
-        );
+        assert_eq!(c.url(["v1", "workspaces", "a b"]).as_str(), "http://127.0.0.1:7070/v1/workspaces/a%20b");
+        assert_eq!(c.url(["x", "a/b?c#d"]).as_str(), "http://127.0.0.1:7070/x/a%2Fb%3Fc%23d");
         let c = Client::new("http://h:1/prefix/", None).expect("client");
         assert_eq!(c.url(["v1"]).as_str(), "http://h:1/prefix/v1");
-        assert_eq!(
-            c.gateway_path_url("/v1/blobs/ab?x=1")
-                .expect("url")
-                .as_str(),
-            "http://h:1/prefix/v1/blobs/ab?x=1"
-        );
+        assert_eq!(c.gateway_path_url("/v1/blobs/ab?x=1").expect("url").as_str(), "http://h:1/prefix/v1/blobs/ab?x=1");
         assert!(c.same_origin(&Url::parse("http://h:1/other").expect("url")));
         assert!(!c.same_origin(&Url::parse("http://h:2/other").expect("url")));
     }
 
     #[test]
     fn s3_error_documents_are_read() {
-        let doc = r#"<?xml version="1.0"?><Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"#;
+        let doc =
+            r#"<?xml version="1.0"?><Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"#;
         assert_eq!(xml_element(doc, "Code"), Some("AccessDenied"));
         assert_eq!(xml_element(doc, "Message"), Some("Request has expired"));
         assert_eq!(xml_element(doc, "Resource"), None);
@@ -316,13 +262,7 @@ mod tests {
 
     #[test]
     fn bad_base_urls_are_refused() {
-        for bad in [
-            "",
-            "ftp://x",
-            "127.0.0.1:7070",
-            "http://h/?q=1",
-            "mailto:x@y",
-        ] {
+        for bad in ["", "ftp://x", "127.0.0.1:7070", "http://h/?q=1", "mailto:x@y"] {
             assert!(Client::new(bad, None).is_err(), "{bad}");
         }
     }

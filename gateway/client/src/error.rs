@@ -15,11 +15,7 @@ pub enum Error {
     /// `code` and `message` come from the `ErrorBody`; for non-JSON answers `code` is derived from
     /// the status and `message` is the start of the body.
     #[error("{message} (HTTP {}, {code})", status.as_u16())]
-    Api {
-        status: StatusCode,
-        code: String,
-        message: String,
-    },
+    Api { status: StatusCode, code: String, message: String },
     /// The request did not complete: connection refused or reset, timeout, broken body.
     #[error("request failed")]
     Transport(#[source] reqwest::Error),
@@ -36,11 +32,7 @@ pub enum Error {
     /// A presigned URL was refused (400, 401 or 403 from the object store): usually it expired.
     /// Fetch fresh locations and try again.
     #[error("presigned URL for blob {hash} was refused (HTTP {}, {message}); fetch fresh locations", status.as_u16())]
-    LocationExpired {
-        hash: ContentHash,
-        status: StatusCode,
-        message: String,
-    },
+    LocationExpired { hash: ContentHash, status: StatusCode, message: String },
     /// A base URL or a location URL that cannot be used.
     #[error("invalid URL {url:?}: {message}")]
     InvalidUrl { url: String, message: String },
@@ -62,10 +54,7 @@ impl Error {
                         && *status != StatusCode::HTTP_VERSION_NOT_SUPPORTED)
             }
             Error::Corrupt { .. } => true,
-            Error::Decode { .. }
-            | Error::LocationExpired { .. }
-            | Error::InvalidUrl { .. }
-            | Error::Io(_) => false,
+            Error::Decode { .. } | Error::LocationExpired { .. } | Error::InvalidUrl { .. } | Error::Io(_) => false,
         }
     }
 
@@ -105,16 +94,11 @@ impl Error {
         let BlobError::Io(io) = e else {
             return Error::Corrupt { hash, source: e };
         };
-        let network = io
-            .get_ref()
-            .is_some_and(|inner| inner.is::<reqwest::Error>());
+        let network = io.get_ref().is_some_and(|inner| inner.is::<reqwest::Error>());
         let output = io.get_ref().is_some_and(|inner| inner.is::<WriteFailed>());
         if !(network || output) {
             // the decoder itself failed (zstd: corrupt frame)
-            return Error::Corrupt {
-                hash,
-                source: BlobError::Io(io),
-            };
+            return Error::Corrupt { hash, source: BlobError::Io(io) };
         }
         match io.into_inner() {
             Some(inner) => match inner.downcast::<reqwest::Error>() {
@@ -139,14 +123,10 @@ pub(crate) struct MarkedWriter<W>(pub W);
 
 impl<W: io::Write> io::Write for MarkedWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0
-            .write(buf)
-            .map_err(|e| io::Error::new(e.kind(), WriteFailed(e)))
+        self.0.write(buf).map_err(|e| io::Error::new(e.kind(), WriteFailed(e)))
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.0
-            .flush()
-            .map_err(|e| io::Error::new(e.kind(), WriteFailed(e)))
+        self.0.flush().map_err(|e| io::Error::new(e.kind(), WriteFailed(e)))
     }
 }
 
@@ -155,11 +135,7 @@ mod tests {
     use super::*;
 
     fn api(status: u16) -> Error {
-        Error::Api {
-            status: StatusCode::from_u16(status).expect("status"),
-            code: "x".into(),
-            message: "y".into(),
-        }
+        Error::Api { status: StatusCode::from_u16(status).expect("status"), code: "x".into(), message: "y".into() }
     }
 
     #[test]
@@ -171,18 +147,8 @@ mod tests {
             assert!(!api(s).is_retryable(), "{s}");
         }
         let h = ContentHash::of(b"x");
-        assert!(
-            Error::Corrupt {
-                hash: h,
-                source: BlobError::BadHeader
-            }
-            .is_retryable()
-        );
-        let expired = Error::LocationExpired {
-            hash: h,
-            status: StatusCode::FORBIDDEN,
-            message: "m".into(),
-        };
+        assert!(Error::Corrupt { hash: h, source: BlobError::BadHeader }.is_retryable());
+        let expired = Error::LocationExpired { hash: h, status: StatusCode::FORBIDDEN, message: "m".into() };
         assert!(!expired.is_retryable());
         assert!(api(404).is_not_found());
         assert!(api(409).is_conflict());
@@ -192,19 +158,10 @@ mod tests {
     #[test]
     fn blob_errors_are_mapped() {
         let h = ContentHash::of(b"x");
-        assert!(matches!(
-            Error::from_blob(h, BlobError::BadHeader),
-            Error::Corrupt { .. }
-        ));
+        assert!(matches!(Error::from_blob(h, BlobError::BadHeader), Error::Corrupt { .. }));
         let decoder = io::Error::other("Data corruption detected");
-        assert!(matches!(
-            Error::from_blob(h, BlobError::Io(decoder)),
-            Error::Corrupt { .. }
-        ));
-        let disk = io::Error::new(
-            io::ErrorKind::StorageFull,
-            WriteFailed(io::Error::from(io::ErrorKind::StorageFull)),
-        );
+        assert!(matches!(Error::from_blob(h, BlobError::Io(decoder)), Error::Corrupt { .. }));
+        let disk = io::Error::new(io::ErrorKind::StorageFull, WriteFailed(io::Error::from(io::ErrorKind::StorageFull)));
         match Error::from_blob(h, BlobError::Io(disk)) {
             Error::Io(e) => assert_eq!(e.kind(), io::ErrorKind::StorageFull),
             other => panic!("{other:?}"),

@@ -25,10 +25,7 @@ mod versions;
 mod workspaces;
 
 pub use blobs::max_stored_len;
-pub use client::{
-    CONNECT_TIMEOUT, Client, DEFAULT_GATEWAY, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_HOST,
-    READ_TIMEOUT,
-};
+pub use client::{CONNECT_TIMEOUT, Client, DEFAULT_GATEWAY, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_HOST, READ_TIMEOUT};
 pub use error::{Error, Result};
 pub use podfs_protocol as protocol;
 pub use reqwest::StatusCode;

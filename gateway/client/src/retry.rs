@@ -30,29 +30,20 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self {
-            max_attempts: DEFAULT_MAX_ATTEMPTS,
-            base_delay: DEFAULT_BASE_DELAY,
-            max_delay: DEFAULT_MAX_DELAY,
-        }
+        Self { max_attempts: DEFAULT_MAX_ATTEMPTS, base_delay: DEFAULT_BASE_DELAY, max_delay: DEFAULT_MAX_DELAY }
     }
 }
 
 impl RetryPolicy {
     /// No retries at all.
     pub fn none() -> Self {
-        Self {
-            max_attempts: 1,
-            ..Self::default()
-        }
+        Self { max_attempts: 1, ..Self::default() }
     }
 
     /// The longest wait before attempt `attempt + 1` (attempt counts from 1); the actual wait is
     /// uniformly random in `[0, backoff]` ("full jitter").
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(attempt.saturating_sub(1).min(20))
-            .unwrap_or(u32::MAX);
+        let factor = 1u32.checked_shl(attempt.saturating_sub(1).min(20)).unwrap_or(u32::MAX);
         self.base_delay.saturating_mul(factor).min(self.max_delay)
     }
 
@@ -107,11 +98,7 @@ mod tests {
     use super::*;
 
     fn unavailable() -> Error {
-        Error::Api {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            code: "unavailable".into(),
-            message: "busy".into(),
-        }
+        Error::Api { status: StatusCode::SERVICE_UNAVAILABLE, code: "unavailable".into(), message: "busy".into() }
     }
 
     #[test]
@@ -137,11 +124,7 @@ mod tests {
 
         calls.store(0, Ordering::SeqCst);
         let r = retry(&RetryPolicy::default(), "test", || async {
-            if calls.fetch_add(1, Ordering::SeqCst) < 2 {
-                Err(unavailable())
-            } else {
-                Ok(7)
-            }
+            if calls.fetch_add(1, Ordering::SeqCst) < 2 { Err(unavailable()) } else { Ok(7) }
         })
         .await;
         assert_eq!(r.ok(), Some(7));
@@ -153,11 +136,7 @@ mod tests {
         let calls = AtomicU32::new(0);
         let r: Result<()> = retry(&RetryPolicy::default(), "test", || async {
             calls.fetch_add(1, Ordering::SeqCst);
-            Err(Error::Api {
-                status: StatusCode::NOT_FOUND,
-                code: "not_found".into(),
-                message: "no".into(),
-            })
+            Err(Error::Api { status: StatusCode::NOT_FOUND, code: "not_found".into(), message: "no".into() })
         })
         .await;
         assert!(r.is_err());

@@ -3,8 +3,7 @@
 
 use bytes::Bytes;
 use podfs_protocol::api::{
-    CommitRequest, Diff, DirListing, KIND_HEADER, Manifest, PathHistory, VERSION_HEADER,
-    VersionInfo, VersionList,
+    CommitRequest, Diff, DirListing, KIND_HEADER, Manifest, PathHistory, VERSION_HEADER, VersionInfo, VersionList,
 };
 use podfs_protocol::{ContentHash, EntryKind, VersionRef, WsPath};
 use reqwest::Response;
@@ -41,22 +40,12 @@ impl FileResponse {
 
 /// Reads an ETag as a content hash: `"<hex>"` or `W/"<hex>"`.
 pub(crate) fn etag_hash(value: &str) -> Option<ContentHash> {
-    value
-        .trim()
-        .trim_start_matches("W/")
-        .trim_matches('"')
-        .parse()
-        .ok()
+    value.trim().trim_start_matches("W/").trim_matches('"').parse().ok()
 }
 
 impl Client {
     /// `GET /v1/workspaces/{ws}/versions`: newest first, at most `limit`, older than `before`.
-    pub async fn versions(
-        &self,
-        ws: &str,
-        limit: Option<u32>,
-        before: Option<u64>,
-    ) -> Result<VersionList> {
+    pub async fn versions(&self, ws: &str, limit: Option<u32>, before: Option<u64>) -> Result<VersionList> {
         let mut url = self.url(["v1", "workspaces", ws, "versions"]);
         let pairs: Vec<(&str, String)> = [("limit", limit.map(u64::from)), ("before", before)]
             .into_iter()
@@ -65,37 +54,28 @@ impl Client {
         if !pairs.is_empty() {
             url.query_pairs_mut().extend_pairs(pairs);
         }
-        self.call_json("list versions", || self.get(url.clone()))
-            .await
+        self.call_json("list versions", || self.get(url.clone())).await
     }
 
     /// `GET /v1/workspaces/{ws}/versions/{v}`.
     pub async fn version(&self, ws: &str, v: VersionRef) -> Result<VersionInfo> {
         let v = v.to_string();
-        self.call_json("get version", || {
-            self.get(self.url(["v1", "workspaces", ws, "versions", &v]))
-        })
-        .await
+        self.call_json("get version", || self.get(self.url(["v1", "workspaces", ws, "versions", &v]))).await
     }
 
     /// `POST /v1/workspaces/{ws}/versions`. 409 (`is_conflict`) when `parent_version` is not
     /// the head; 400 `missing_blobs` when a hash was never uploaded. Resent only when the
     /// connection was never made.
     pub async fn commit(&self, ws: &str, req: &CommitRequest) -> Result<VersionInfo> {
-        self.call_json_once("commit", || {
-            self.post_json(self.url(["v1", "workspaces", ws, "versions"]), req)
-        })
-        .await
+        self.call_json_once("commit", || self.post_json(self.url(["v1", "workspaces", ws, "versions"]), req)).await
     }
 
     /// `GET /v1/workspaces/{ws}/versions/{v}/manifest`: the whole tree. 404 when the workspace
     /// has no version yet (or does not exist).
     pub async fn manifest(&self, ws: &str, v: VersionRef) -> Result<Manifest> {
         let v = v.to_string();
-        self.call_json("get manifest", || {
-            self.get(self.url(["v1", "workspaces", ws, "versions", &v, "manifest"]))
-        })
-        .await
+        self.call_json("get manifest", || self.get(self.url(["v1", "workspaces", ws, "versions", &v, "manifest"])))
+            .await
     }
 
     /// `GET /v1/workspaces/{ws}/versions/{v}/tree?path=DIR`: one directory (`None`: the top).
@@ -105,8 +85,7 @@ impl Client {
         if let Some(p) = path {
             url.query_pairs_mut().append_pair("path", p);
         }
-        self.call_json("list directory", || self.get(url.clone()))
-            .await
+        self.call_json("list directory", || self.get(url.clone())).await
     }
 
     /// `GET /v1/workspaces/{ws}/versions/{v}/files/{path}`: the raw content (a symlink's link
@@ -129,21 +108,13 @@ impl Client {
         let hash = header(ETAG.as_str()).and_then(etag_hash);
         let version = header(VERSION_HEADER).and_then(|v| v.parse().ok());
         let size = header(CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok());
-        Ok(FileResponse {
-            kind,
-            hash,
-            version,
-            size,
-            resp,
-        })
+        Ok(FileResponse { kind, hash, version, size, resp })
     }
 
     /// `GET /v1/workspaces/{ws}/diff?from=&to=`.
     pub async fn diff(&self, ws: &str, from: VersionRef, to: VersionRef) -> Result<Diff> {
         let mut url = self.url(["v1", "workspaces", ws, "diff"]);
-        url.query_pairs_mut()
-            .append_pair("from", &from.to_string())
-            .append_pair("to", &to.to_string());
+        url.query_pairs_mut().append_pair("from", &from.to_string()).append_pair("to", &to.to_string());
         self.call_json("diff", || self.get(url.clone())).await
     }
 
@@ -151,8 +122,7 @@ impl Client {
     pub async fn history(&self, ws: &str, path: &str) -> Result<PathHistory> {
         let mut url = self.url(["v1", "workspaces", ws, "history"]);
         url.query_pairs_mut().append_pair("path", path);
-        self.call_json("path history", || self.get(url.clone()))
-            .await
+        self.call_json("path history", || self.get(url.clone())).await
     }
 }
 

@@ -14,7 +14,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use podfs_protocol::ContentHash;
 use podfs_protocol::api::{
-    BLOB_CONTENT_TYPE, BlobLocation, BlobLocations, BlobUploaded, ErrorBody, HashBatch, MAX_HASH_BATCH, MissingBlobs, Right,
+    BLOB_CONTENT_TYPE, BlobLocation, BlobLocations, BlobUploaded, ErrorBody, HashBatch, MAX_HASH_BATCH, MissingBlobs,
+    Right,
 };
 
 use super::auth::Caller;
@@ -28,7 +29,10 @@ fn parse_hash(s: &str) -> Result<ContentHash> {
 
 fn check_batch(batch: &HashBatch) -> Result<()> {
     if batch.hashes.len() > MAX_HASH_BATCH {
-        return Err(Error::TooLarge(format!("{} hashes in one batch; the limit is {MAX_HASH_BATCH}", batch.hashes.len())));
+        return Err(Error::TooLarge(format!(
+            "{} hashes in one batch; the limit is {MAX_HASH_BATCH}",
+            batch.hashes.len()
+        )));
     }
     Ok(())
 }

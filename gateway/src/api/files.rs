@@ -61,10 +61,10 @@ pub async fn get_file(
         header::CACHE_CONTROL,
         HeaderValue::from_static(if immutable { "private, max-age=31536000, immutable" } else { "private, no-cache" }),
     );
-    if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|h| h.to_str().ok()) {
-        if etag_matches(inm, &etag) {
-            return Ok((StatusCode::NOT_MODIFIED, common).into_response());
-        }
+    if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|h| h.to_str().ok())
+        && etag_matches(inm, &etag)
+    {
+        return Ok((StatusCode::NOT_MODIFIED, common).into_response());
     }
     let content_type = match entry.kind {
         EntryKind::Symlink => "application/octet-stream".to_string(),

@@ -1,7 +1,7 @@
 //! A JSON body extractor whose rejections are JSON error bodies like every other error.
 
-use axum::extract::{FromRequest, Request};
 use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
 use serde::de::DeserializeOwned;
 
 use crate::error::Error;

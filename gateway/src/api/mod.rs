@@ -48,7 +48,10 @@ struct BearerAuth;
 impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
 }
 
@@ -74,7 +77,8 @@ fn api() -> OpenApiRouter<AppState> {
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = api().into_openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
-    let (_, blob_routes) = OpenApiRouter::<AppState>::new().routes(routes!(blobs::upload, blobs::download)).split_for_parts();
+    let (_, blob_routes) =
+        OpenApiRouter::<AppState>::new().routes(routes!(blobs::upload, blobs::download)).split_for_parts();
     doc.merge(blob_routes);
     doc
 }
@@ -102,7 +106,8 @@ pub fn router(state: AppState) -> Router {
 
 /// Counts requests and their latency by route and status.
 async fn track(State(_): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
     let started = Instant::now();
     let resp = next.run(req).await;

@@ -9,7 +9,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use podfs_protocol::WsPath;
-use podfs_protocol::api::{Diff, DiffQuery, DirListing, DirQuery, ErrorBody, HistoryQuery, Manifest, PathHistory, Right};
+use podfs_protocol::api::{
+    Diff, DiffQuery, DirListing, DirQuery, ErrorBody, HistoryQuery, Manifest, PathHistory, Right,
+};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::auth::Caller;
@@ -33,7 +35,8 @@ pub async fn manifest(
     let ws = caller.workspace(&state, &name, Right::Read).await?;
     let v = resolve(&state, &ws, &version).await?;
     let mut rows = state.meta.tree(ws.id, v);
-    let head = format!("{{\"workspace\":{},\"version\":{v},\"entries\":[", serde_json::to_string(&name).unwrap_or_default());
+    let head =
+        format!("{{\"workspace\":{},\"version\":{v},\"entries\":[", serde_json::to_string(&name).unwrap_or_default());
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
     tokio::spawn(async move {
         let mut buf = BytesMut::from(head.as_bytes());
@@ -83,7 +86,12 @@ pub async fn list_dir(
         Some(p) => Some(WsPath::new(p)?),
     };
     let entries = state.meta.list_dir(ws.id, v, dir.as_ref()).await?;
-    Ok(Json(DirListing { workspace: name, version: v, path: dir.map(WsPath::into_string).unwrap_or_default(), entries }))
+    Ok(Json(DirListing {
+        workspace: name,
+        version: v,
+        path: dir.map(WsPath::into_string).unwrap_or_default(),
+        entries,
+    }))
 }
 
 /// The changes from one version to another, sorted by path.

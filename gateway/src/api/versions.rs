@@ -22,7 +22,8 @@ pub const MAX_LIST_LIMIT: u32 = 1000;
 
 /// Parses a `{version}` path segment (a number or `head`) and resolves it in `ws`.
 pub async fn resolve(state: &AppState, ws: &WorkspaceRow, version: &str) -> Result<u64> {
-    let v: VersionRef = version.parse().map_err(|e: podfs_protocol::tree::VersionRefError| Error::BadRequest(e.to_string()))?;
+    let v: VersionRef =
+        version.parse().map_err(|e: podfs_protocol::tree::VersionRefError| Error::BadRequest(e.to_string()))?;
     Ok(state.meta.resolve_version(ws, v).await?)
 }
 

@@ -3,7 +3,9 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use podfs_protocol::api::{CreateToken, CreateWorkspace, ErrorBody, Right, TokenCreated, Workspace, WorkspaceList, valid_workspace_name};
+use podfs_protocol::api::{
+    CreateToken, CreateWorkspace, ErrorBody, Right, TokenCreated, Workspace, WorkspaceList, valid_workspace_name,
+};
 
 use super::auth::Caller;
 use super::json::ApiJson;
@@ -34,11 +36,8 @@ pub async fn create(
 #[utoipa::path(get, path = "/v1/workspaces", tag = "workspaces", responses((status = 200, body = WorkspaceList)))]
 pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<WorkspaceList>> {
     let all = state.meta.list_workspaces().await?;
-    let workspaces = all
-        .into_iter()
-        .filter(|w| caller.require(&w.info.name, Right::Read).is_ok())
-        .map(|w| w.info)
-        .collect();
+    let workspaces =
+        all.into_iter().filter(|w| caller.require(&w.info.name, Right::Read).is_ok()).map(|w| w.info).collect();
     Ok(Json(WorkspaceList { workspaces }))
 }
 

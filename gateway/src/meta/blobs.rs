@@ -13,10 +13,7 @@ use super::{ContentHash, MetaError, MetaStore};
 
 impl MetaStore {
     /// The hashes of `hashes` that have no blob row, in request order, each once.
-    pub async fn missing_blobs(
-        &self,
-        hashes: &[ContentHash],
-    ) -> Result<Vec<ContentHash>, MetaError> {
+    pub async fn missing_blobs(&self, hashes: &[ContentHash]) -> Result<Vec<ContentHash>, MetaError> {
         let mut seen = HashSet::with_capacity(hashes.len());
         let unique: Vec<ContentHash> = hashes.iter().copied().filter(|h| seen.insert(*h)).collect();
         let mut conn = self.pool.acquire().await?;
@@ -26,16 +23,9 @@ impl MetaStore {
 
     /// Records a verified, stored blob. True if it was not recorded before; recording it again
     /// changes nothing (the first sizes stay).
-    pub async fn record_blob(
-        &self,
-        hash: &ContentHash,
-        size: u64,
-        stored_size: u64,
-    ) -> Result<bool, MetaError> {
-        let to_i64 = |n: u64| {
-            i64::try_from(n)
-                .map_err(|_| MetaError::Invalid(format!("blob {hash}: size {n} is too large")))
-        };
+    pub async fn record_blob(&self, hash: &ContentHash, size: u64, stored_size: u64) -> Result<bool, MetaError> {
+        let to_i64 =
+            |n: u64| i64::try_from(n).map_err(|_| MetaError::Invalid(format!("blob {hash}: size {n} is too large")));
         let inserted = sqlx::query(
             "INSERT INTO blobs (hash, size, stored_size, created_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (hash) DO NOTHING",
@@ -51,11 +41,7 @@ impl MetaStore {
     }
 
     /// Which of `hashes` some version of the workspace references (live or not).
-    pub async fn referenced_by(
-        &self,
-        ws_id: i64,
-        hashes: &[ContentHash],
-    ) -> Result<HashSet<ContentHash>, MetaError> {
+    pub async fn referenced_by(&self, ws_id: i64, hashes: &[ContentHash]) -> Result<HashSet<ContentHash>, MetaError> {
         let mut found = HashSet::new();
         let mut conn = self.pool.acquire().await?;
         for chunk in hashes.chunks(CHUNK) {
@@ -63,9 +49,7 @@ impl MetaStore {
                 "SELECT DISTINCT hash FROM entries WHERE workspace_id = $1 AND hash IN ({})",
                 params(2, chunk.len())
             );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .persistent(false)
-                .bind(ws_id);
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false).bind(ws_id);
             for h in chunk {
                 query = query.bind(h.0.to_vec());
             }

@@ -1,11 +1,14 @@
 //! The commit transaction: turns a parent version and a set of changes into the next version.
 //!
-//! One transaction, in this order: compare-and-set the workspace head (the first statement, so
-//! concurrent commits on the same parent serialize on that row and all but one see a changed
-//! head); check that every referenced blob is stored; read the live rows of the changed paths;
-//! close those rows and insert the new ones; check the closed-tree rules on the touched paths
-//! only; write the version record and the workspace counts. Any error rolls everything back.
-//! Work and rows are O(changed paths), never O(tree).
+//! Checks that need no database come first (no change, a path twice, a malformed entry); the
+//! changes are then sorted by path so that errors name paths deterministically.
+//!
+//! Then one transaction, in this order: compare-and-set the workspace head (the first
+//! statement, so concurrent commits on the same parent serialize on that row and all but one
+//! see a changed head); check that every referenced blob is stored; read the live rows of the
+//! changed paths; close those rows and insert the new ones; check the closed-tree rules on the
+//! touched paths only; write the version record and the workspace counts. Any error rolls
+//! everything back. Work and rows are O(changed paths), never O(tree).
 //!
 //! It does not validate path syntax (`WsPath` did) nor decide whether a commit with no
 //! effective change is worth making (the caller does; such a commit still creates a version).
@@ -17,9 +20,7 @@ use sqlx::{AnyConnection, Row};
 
 use super::sql::{CHUNK, entry_from_row, now_ms, params, rfc3339, stored_hashes, to_u64};
 use super::workspaces::no_workspace;
-use super::{
-    Change, CommitInput, ContentHash, Entry, LIVE, MetaError, MetaStore, VersionInfo, WorkspaceRow,
-};
+use super::{Change, CommitInput, ContentHash, Entry, LIVE, MetaError, MetaStore, VersionInfo, WorkspaceRow};
 
 /// Bind parameters per inserted entry row (path, parent, kind, hash, size, mode).
 const INSERT_WIDTH: usize = 6;
@@ -38,34 +39,16 @@ impl MetaStore {
     /// Errors: `Invalid` (no change, a path twice, a bad entry, a delete of an absent path, a
     /// broken tree rule; the message names the path), `Conflict` (the parent is not the head;
     /// the message names the head), `MissingBlobs`, `NotFound` (the workspace is gone).
-    pub async fn commit(
-        &self,
-        ws: &WorkspaceRow,
-        input: CommitInput,
-    ) -> Result<VersionInfo, MetaError> {
+    pub async fn commit(&self, ws: &WorkspaceRow, input: CommitInput) -> Result<VersionInfo, MetaError> {
         let changes = checked_changes(input.changes)?;
         let parent = i64::try_from(input.parent_version)
             .ok()
             .filter(|p| *p < LIVE - 1)
-            .ok_or_else(|| {
-                MetaError::Invalid(format!(
-                    "parent version {} is out of range",
-                    input.parent_version
-                ))
-            })?;
+            .ok_or_else(|| MetaError::Invalid(format!("parent version {} is out of range", input.parent_version)))?;
         let number = parent + 1;
 
         let mut tx = self.pool.begin().await?;
-        let applied = match apply(
-            &mut tx,
-            ws.id,
-            parent,
-            &changes,
-            &input.message,
-            &input.author,
-        )
-        .await
-        {
+        let applied = match apply(&mut tx, ws.id, parent, &changes, &input.message, &input.author).await {
             Ok(Some(applied)) => applied,
             Ok(None) => {
                 tx.rollback().await?;
@@ -111,12 +94,13 @@ async fn apply(
     author: &str,
 ) -> Result<Option<Applied>, MetaError> {
     let number = parent + 1;
-    let cas = sqlx::query("UPDATE workspaces SET head = $1 WHERE id = $2 AND head = $3 RETURNING file_count, total_bytes")
-        .bind(number)
-        .bind(ws_id)
-        .bind(parent)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let cas =
+        sqlx::query("UPDATE workspaces SET head = $1 WHERE id = $2 AND head = $3 RETURNING file_count, total_bytes")
+            .bind(number)
+            .bind(ws_id)
+            .bind(parent)
+            .fetch_optional(&mut *conn)
+            .await?;
     let Some(cas) = cas else { return Ok(None) };
     let mut counts = Counts {
         files: cas.try_get::<i64, _>("file_count")?.into(),
@@ -150,9 +134,7 @@ async fn apply(
         let path = change.path().as_str();
         match (change, live.get(path)) {
             (Change::Delete(_), None) => {
-                return Err(MetaError::Invalid(format!(
-                    "cannot delete {path}: it does not exist in version {parent}"
-                )));
+                return Err(MetaError::Invalid(format!("cannot delete {path}: it does not exist in version {parent}")));
             }
             (Change::Delete(_), Some(old)) => {
                 close.push(path);
@@ -206,12 +188,7 @@ async fn apply(
         .bind(ws_id)
         .execute(&mut *conn)
         .await?;
-    Ok(Some(Applied {
-        file_count,
-        total_bytes,
-        changed,
-        created_at,
-    }))
+    Ok(Some(Applied { file_count, total_bytes, changed, created_at }))
 }
 
 /// Running file count and byte total of the head, as it becomes the new version.
@@ -252,23 +229,16 @@ impl Counts {
 /// within range. Returns the changes sorted by path, so that errors name paths deterministically.
 fn checked_changes(changes: Vec<Change>) -> Result<Vec<Change>, MetaError> {
     if changes.is_empty() {
-        return Err(MetaError::Invalid(
-            "a commit needs at least one change".into(),
-        ));
+        return Err(MetaError::Invalid("a commit needs at least one change".into()));
     }
     let mut out = Vec::with_capacity(changes.len());
     for change in changes {
         out.push(match change {
             Change::Delete(p) => Change::Delete(p),
             Change::Put(e) => {
-                let e = e
-                    .validated()
-                    .map_err(|e| MetaError::Invalid(e.to_string()))?;
+                let e = e.validated().map_err(|e| MetaError::Invalid(e.to_string()))?;
                 if i64::try_from(e.size).is_err() {
-                    return Err(MetaError::Invalid(format!(
-                        "{}: size {} is too large",
-                        e.path, e.size
-                    )));
+                    return Err(MetaError::Invalid(format!("{}: size {} is too large", e.path, e.size)));
                 }
                 Change::Put(e)
             }
@@ -276,10 +246,7 @@ fn checked_changes(changes: Vec<Change>) -> Result<Vec<Change>, MetaError> {
     }
     out.sort_by(|a, b| a.path().cmp(b.path()));
     if let Some(w) = out.windows(2).find(|w| w[0].path() == w[1].path()) {
-        return Err(MetaError::Invalid(format!(
-            "path {} appears more than once in the commit",
-            w[0].path()
-        )));
+        return Err(MetaError::Invalid(format!("path {} appears more than once in the commit", w[0].path())));
     }
     Ok(out)
 }
@@ -297,10 +264,7 @@ async fn live_entries(
              WHERE workspace_id = $1 AND until_version = $2 AND path IN ({})",
             params(3, chunk.len())
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .persistent(false)
-            .bind(ws_id)
-            .bind(LIVE);
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false).bind(ws_id).bind(LIVE);
         for p in chunk {
             query = query.bind(*p);
         }
@@ -313,23 +277,14 @@ async fn live_entries(
 }
 
 /// Ends the live rows of `paths` at version `number`.
-async fn close_live(
-    conn: &mut AnyConnection,
-    ws_id: i64,
-    number: i64,
-    paths: &[&str],
-) -> Result<(), MetaError> {
+async fn close_live(conn: &mut AnyConnection, ws_id: i64, number: i64, paths: &[&str]) -> Result<(), MetaError> {
     for chunk in paths.chunks(CHUNK) {
         let sql = format!(
             "UPDATE entries SET until_version = $1 \
              WHERE workspace_id = $2 AND until_version = $3 AND path IN ({})",
             params(4, chunk.len())
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .persistent(false)
-            .bind(number)
-            .bind(ws_id)
-            .bind(LIVE);
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false).bind(number).bind(ws_id).bind(LIVE);
         for p in chunk {
             query = query.bind(*p);
         }
@@ -360,20 +315,9 @@ async fn insert_entries(
             if i > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!(
-                "($1, ${p}, $2, $3, ${}, ${}, ${}, ${}, ${})",
-                p + 1,
-                p + 2,
-                p + 3,
-                p + 4,
-                p + 5
-            ));
+            sql.push_str(&format!("($1, ${p}, $2, $3, ${}, ${}, ${}, ${}, ${})", p + 1, p + 2, p + 3, p + 4, p + 5));
         }
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .persistent(false)
-            .bind(ws_id)
-            .bind(number)
-            .bind(LIVE);
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false).bind(ws_id).bind(number).bind(LIVE);
         for e in chunk {
             query = query
                 .bind(e.path.as_str())
@@ -391,16 +335,8 @@ async fn insert_entries(
 
 /// Closed-tree rule for new rows: the parent of every inserted entry is the top or a live
 /// directory (after the whole commit applied).
-async fn check_parents(
-    conn: &mut AnyConnection,
-    ws_id: i64,
-    inserted: &[&Entry],
-) -> Result<(), MetaError> {
-    let mut parents: Vec<&str> = inserted
-        .iter()
-        .map(|e| e.path.parent_str())
-        .filter(|p| !p.is_empty())
-        .collect();
+async fn check_parents(conn: &mut AnyConnection, ws_id: i64, inserted: &[&Entry]) -> Result<(), MetaError> {
+    let mut parents: Vec<&str> = inserted.iter().map(|e| e.path.parent_str()).filter(|p| !p.is_empty()).collect();
     parents.sort_unstable();
     parents.dedup();
     let live = live_entries(conn, ws_id, &parents).await?;
@@ -443,18 +379,12 @@ async fn check_no_children(
              WHERE workspace_id = $1 AND until_version = $2 AND parent IN ({}) GROUP BY parent",
             params(3, chunk.len())
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .persistent(false)
-            .bind(ws_id)
-            .bind(LIVE);
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false).bind(ws_id).bind(LIVE);
         for (p, _) in chunk {
             query = query.bind(*p);
         }
         for row in query.fetch_all(&mut *conn).await? {
-            children.insert(
-                row.try_get::<String, _>("parent")?,
-                row.try_get::<String, _>("child")?,
-            );
+            children.insert(row.try_get::<String, _>("parent")?, row.try_get::<String, _>("child")?);
         }
     }
     for (path, new_kind) in paths {

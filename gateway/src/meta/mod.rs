@@ -63,7 +63,7 @@ pub enum MetaError {
     /// A request that breaks the rules: empty commit, duplicate path, tree-rule violation, ...
     #[error("{0}")]
     Invalid(String),
-    /// The commit references blobs that are not stored (in the order of the commit).
+    /// The commit references blobs that are not stored (each once, in path order).
     #[error("commit references {} blob(s) the gateway does not hold: {}", .0.len(), sql::hash_list(.0))]
     MissingBlobs(Vec<ContentHash>),
     /// The database is unreachable, overloaded or timed out: worth retrying later.
@@ -76,11 +76,7 @@ pub enum MetaError {
 
 impl From<sqlx::Error> for MetaError {
     fn from(e: sqlx::Error) -> Self {
-        if sql::is_transient(&e) {
-            MetaError::Unavailable(e.to_string())
-        } else {
-            MetaError::Internal(e.to_string())
-        }
+        if sql::is_transient(&e) { MetaError::Unavailable(e.to_string()) } else { MetaError::Internal(e.to_string()) }
     }
 }
 
@@ -170,10 +166,8 @@ impl MetaStore {
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .after_connect(|conn, _| {
                     Box::pin(async move {
-                        conn.execute(sqlx::AssertSqlSafe(format!(
-                            "PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}"
-                        )))
-                        .await?;
+                        conn.execute(sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")))
+                            .await?;
                         conn.execute("PRAGMA synchronous = NORMAL").await?;
                         conn.execute("PRAGMA foreign_keys = ON").await?;
                         Ok(())
@@ -215,9 +209,7 @@ impl MetaStore {
 /// Connection-time errors: a malformed URL is a configuration problem, the rest as usual.
 fn connect_error(e: sqlx::Error) -> MetaError {
     match e {
-        sqlx::Error::Configuration(e) => {
-            MetaError::Invalid(format!("bad metadata database URL: {e}"))
-        }
+        sqlx::Error::Configuration(e) => MetaError::Invalid(format!("bad metadata database URL: {e}")),
         e => e.into(),
     }
 }

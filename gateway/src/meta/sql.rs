@@ -62,11 +62,7 @@ pub(super) fn version_i64(v: u64) -> Result<i64, MetaError> {
 
 /// `until_version` as the API shows it: `None` while live.
 pub(super) fn until(v: i64) -> Result<Option<u64>, MetaError> {
-    if v == LIVE {
-        Ok(None)
-    } else {
-        to_u64(v, "version").map(Some)
-    }
+    if v == LIVE { Ok(None) } else { to_u64(v, "version").map(Some) }
 }
 
 /// Reads an entry from a row with the columns `path, kind, hash, size, mode`.
@@ -76,14 +72,10 @@ pub(super) fn entry_from_row(row: &AnyRow) -> Result<Entry, MetaError> {
     let hash: Option<Vec<u8>> = row.try_get("hash")?;
     let size: i64 = row.try_get("size")?;
     let mode: i64 = row.try_get("mode")?;
-    let corrupt =
-        |what: &str| MetaError::Internal(format!("stored entry {path:?} has an invalid {what}"));
+    let corrupt = |what: &str| MetaError::Internal(format!("stored entry {path:?} has an invalid {what}"));
     Ok(Entry {
         kind: EntryKind::parse(&kind).ok_or_else(|| corrupt("kind"))?,
-        hash: hash
-            .map(|h| ContentHash::from_slice(&h))
-            .transpose()
-            .map_err(|_| corrupt("hash"))?,
+        hash: hash.map(|h| ContentHash::from_slice(&h)).transpose().map_err(|_| corrupt("hash"))?,
         size: u64::try_from(size).map_err(|_| corrupt("size"))?,
         mode: u32::try_from(mode).map_err(|_| corrupt("mode"))?,
         path: WsPath::new(path.as_str()).map_err(|_| corrupt("path"))?,
@@ -98,10 +90,7 @@ pub(super) async fn stored_hashes(
 ) -> Result<HashSet<ContentHash>, MetaError> {
     let mut found = HashSet::new();
     for chunk in hashes.chunks(CHUNK) {
-        let sql = format!(
-            "SELECT hash FROM blobs WHERE hash IN ({})",
-            params(1, chunk.len())
-        );
+        let sql = format!("SELECT hash FROM blobs WHERE hash IN ({})", params(1, chunk.len()));
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
         for h in chunk {
             query = query.bind(h.0.to_vec());
@@ -122,12 +111,7 @@ pub(super) fn stored_hash(raw: &[u8]) -> Result<ContentHash, MetaError> {
 /// The first few hashes of a list, for messages.
 pub(super) fn hash_list(hashes: &[ContentHash]) -> String {
     const SHOWN: usize = 5;
-    let mut s = hashes
-        .iter()
-        .take(SHOWN)
-        .map(|h| h.to_hex())
-        .collect::<Vec<_>>()
-        .join(", ");
+    let mut s = hashes.iter().take(SHOWN).map(|h| h.to_hex()).collect::<Vec<_>>().join(", ");
     if hashes.len() > SHOWN {
         let _ = write!(s, ", ... ({} more)", hashes.len() - SHOWN);
     }
@@ -146,22 +130,14 @@ pub(super) fn is_transient(e: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => {
             let Some(code) = db.code() else { return false };
-            if db
-                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-                .is_some()
-            {
+            if db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() {
                 // 08: connection exception; 57P01-03: shutdown / cannot connect now;
                 // 53300: too many connections; 40001 / 40P01: serialization failure / deadlock.
-                code.starts_with("08")
-                    || matches!(
-                        &*code,
-                        "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01"
-                    )
+                code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01")
             } else {
                 // SQLite extended codes: the primary code is the low byte.
                 // 5 BUSY, 6 LOCKED, 10 IOERR, 13 FULL, 14 CANTOPEN.
-                code.parse::<i32>()
-                    .is_ok_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 13 | 14))
+                code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 13 | 14))
             }
         }
         _ => false,
@@ -182,16 +158,10 @@ mod tests {
     #[test]
     fn times_and_numbers() {
         assert_eq!(rfc3339(0).ok().as_deref(), Some("1970-01-01T00:00:00Z"));
-        assert_eq!(
-            rfc3339(1_500).ok().as_deref(),
-            Some("1970-01-01T00:00:01.5Z")
-        );
+        assert_eq!(rfc3339(1_500).ok().as_deref(), Some("1970-01-01T00:00:01.5Z"));
         assert!(to_u64(-1, "size").is_err());
         assert!(matches!(version_i64(u64::MAX), Err(MetaError::NotFound(_))));
-        assert!(matches!(
-            version_i64(LIVE as u64),
-            Err(MetaError::NotFound(_))
-        ));
+        assert!(matches!(version_i64(LIVE as u64), Err(MetaError::NotFound(_))));
         assert_eq!(until(LIVE).ok(), Some(None));
         assert_eq!(until(3).ok(), Some(Some(3)));
     }

@@ -16,12 +16,7 @@ const TOKEN_PREFIX: &str = "pfs_";
 impl MetaStore {
     /// Mints a token granting `right` on `ws` and returns its text, which is not stored and
     /// cannot be shown again. `NotFound` if the workspace is gone.
-    pub async fn create_token(
-        &self,
-        ws: &WorkspaceRow,
-        right: Right,
-        name: Option<&str>,
-    ) -> Result<String, MetaError> {
+    pub async fn create_token(&self, ws: &WorkspaceRow, right: Right, name: Option<&str>) -> Result<String, MetaError> {
         let token = format!("{TOKEN_PREFIX}{}", hex::encode(rand::random::<[u8; 32]>()));
         let inserted = sqlx::query(
             "INSERT INTO tokens (token_hash, workspace_id, \"right\", name, created_at) \
@@ -36,9 +31,7 @@ impl MetaStore {
         .await
         .map_err(|e| match e {
             // The workspace was deleted between the SELECT and the INSERT.
-            sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
-                no_workspace(&ws.info.name)
-            }
+            sqlx::Error::Database(db) if db.is_foreign_key_violation() => no_workspace(&ws.info.name),
             e => e.into(),
         })?
         .rows_affected();
@@ -62,9 +55,8 @@ impl MetaStore {
         Ok(Some(TokenRow {
             workspace_id: row.try_get("workspace_id")?,
             workspace: row.try_get("name")?,
-            right: Right::parse(&right).ok_or_else(|| {
-                MetaError::Internal(format!("stored token right {right:?} is unknown"))
-            })?,
+            right: Right::parse(&right)
+                .ok_or_else(|| MetaError::Internal(format!("stored token right {right:?} is unknown")))?,
         }))
     }
 }

@@ -54,10 +54,7 @@ impl MetaStore {
                 } else {
                     page.last().map(|e| e.path.as_str().to_string())
                 };
-                Ok(Some((
-                    stream::iter(page.into_iter().map(Ok::<Entry, MetaError>)),
-                    (next, true),
-                )))
+                Ok(Some((stream::iter(page.into_iter().map(Ok::<Entry, MetaError>)), (next, true))))
             }
         })
         .try_flatten()
@@ -65,12 +62,7 @@ impl MetaStore {
     }
 
     /// The entry at `path` in version `v`, if any.
-    pub async fn entry(
-        &self,
-        ws_id: i64,
-        v: u64,
-        path: &WsPath,
-    ) -> Result<Option<Entry>, MetaError> {
+    pub async fn entry(&self, ws_id: i64, v: u64, path: &WsPath) -> Result<Option<Entry>, MetaError> {
         let v = version_i64(v)?;
         let row = sqlx::query(
             "SELECT path, kind, hash, size, mode FROM entries \
@@ -86,24 +78,14 @@ impl MetaStore {
 
     /// The direct children of `dir` (the top when `None`) in version `v`, sorted by path.
     /// `NotFound` if `dir` does not exist in `v`, `Invalid` if it is not a directory.
-    pub async fn list_dir(
-        &self,
-        ws_id: i64,
-        v: u64,
-        dir: Option<&WsPath>,
-    ) -> Result<Vec<Entry>, MetaError> {
+    pub async fn list_dir(&self, ws_id: i64, v: u64, dir: Option<&WsPath>) -> Result<Vec<Entry>, MetaError> {
         if let Some(dir) = dir {
             match self.entry(ws_id, v, dir).await? {
                 None => {
-                    return Err(MetaError::NotFound(format!(
-                        "{dir} does not exist in version {v}"
-                    )));
+                    return Err(MetaError::NotFound(format!("{dir} does not exist in version {v}")));
                 }
                 Some(e) if e.kind != EntryKind::Dir => {
-                    return Err(MetaError::Invalid(format!(
-                        "{dir} is a {}, not a directory",
-                        e.kind.as_str()
-                    )));
+                    return Err(MetaError::Invalid(format!("{dir} is a {}, not a directory", e.kind.as_str())));
                 }
                 Some(_) => {}
             }
@@ -134,9 +116,7 @@ impl MetaStore {
     /// often it changed in between; neither is a path added and deleted in between.
     pub async fn diff(&self, ws_id: i64, from: u64, to: u64) -> Result<Vec<DiffEntry>, MetaError> {
         if from > to {
-            return Err(MetaError::Invalid(format!(
-                "cannot diff from version {from} back to version {to}"
-            )));
+            return Err(MetaError::Invalid(format!("cannot diff from version {from} back to version {to}")));
         }
         if from == to {
             return Ok(Vec::new());
@@ -184,12 +164,7 @@ impl MetaStore {
                     (None, Some(_)) => DiffKind::Added,
                     (None, None) => return None,
                 };
-                Some(DiffEntry {
-                    path,
-                    change,
-                    old: sides.0,
-                    new: sides.1,
-                })
+                Some(DiffEntry { path, change, old: sides.0, new: sides.1 })
             })
             .collect())
     }
@@ -205,9 +180,7 @@ impl MetaStore {
         .fetch_all(&self.pool)
         .await?;
         if rows.is_empty() {
-            return Err(MetaError::NotFound(format!(
-                "{path} has never existed in this workspace"
-            )));
+            return Err(MetaError::NotFound(format!("{path} has never existed in this workspace")));
         }
         rows.iter()
             .map(|row| {
@@ -223,24 +196,17 @@ impl MetaStore {
     /// `NotFound` unless the workspace exists and `v` is in `0..=head`.
     async fn check_version(&self, ws_id: i64, v: i64) -> Result<(), MetaError> {
         match self.head(ws_id).await? {
-            None => Err(MetaError::NotFound(format!(
-                "workspace {ws_id} does not exist"
-            ))),
-            Some(head) if to_u64(v, "version")? > head => Err(MetaError::NotFound(format!(
-                "version {v} does not exist (head is {head})"
-            ))),
+            None => Err(MetaError::NotFound(format!("workspace {ws_id} does not exist"))),
+            Some(head) if to_u64(v, "version")? > head => {
+                Err(MetaError::NotFound(format!("version {v} does not exist (head is {head})")))
+            }
             Some(_) => Ok(()),
         }
     }
 }
 
 /// Up to `TREE_PAGE` entries of version `v` with paths after `after`, in path order.
-async fn tree_page(
-    pool: &AnyPool,
-    ws_id: i64,
-    v: i64,
-    after: &str,
-) -> Result<Vec<Entry>, MetaError> {
+async fn tree_page(pool: &AnyPool, ws_id: i64, v: i64, after: &str) -> Result<Vec<Entry>, MetaError> {
     sqlx::query(
         "SELECT path, kind, hash, size, mode FROM entries \
          WHERE workspace_id = $1 AND path > $2 AND from_version <= $3 AND until_version > $3 \

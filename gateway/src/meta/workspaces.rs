@@ -23,9 +23,7 @@ impl MetaStore {
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else {
-            return Err(MetaError::Conflict(format!(
-                "workspace {name:?} already exists"
-            )));
+            return Err(MetaError::Conflict(format!("workspace {name:?} already exists")));
         };
         Ok(WorkspaceRow {
             id: row.try_get("id")?,
@@ -51,10 +49,11 @@ impl MetaStore {
 
     /// The workspace called `name`, with its current head and counts.
     pub async fn workspace(&self, name: &str) -> Result<WorkspaceRow, MetaError> {
-        let row = sqlx::query("SELECT id, name, created_at, head, file_count, total_bytes FROM workspaces WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT id, name, created_at, head, file_count, total_bytes FROM workspaces WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
         match row {
             Some(row) => workspace_from_row(&row),
             None => Err(no_workspace(name)),
@@ -88,25 +87,16 @@ impl MetaStore {
 
     /// The version number `v` selects, checked against the head as stored now. `NotFound` for
     /// `head` of an empty workspace and for numbers outside `1..=head`.
-    pub async fn resolve_version(
-        &self,
-        ws: &WorkspaceRow,
-        v: VersionRef,
-    ) -> Result<u64, MetaError> {
-        let head = self
-            .head(ws.id)
-            .await?
-            .ok_or_else(|| no_workspace(&ws.info.name))?;
+    pub async fn resolve_version(&self, ws: &WorkspaceRow, v: VersionRef) -> Result<u64, MetaError> {
+        let head = self.head(ws.id).await?.ok_or_else(|| no_workspace(&ws.info.name))?;
         match v {
-            VersionRef::Head if head == 0 => Err(MetaError::NotFound(format!(
-                "workspace {:?} has no version yet",
-                ws.info.name
-            ))),
+            VersionRef::Head if head == 0 => {
+                Err(MetaError::NotFound(format!("workspace {:?} has no version yet", ws.info.name)))
+            }
             VersionRef::Head => Ok(head),
-            VersionRef::Number(n) if n == 0 || n > head => Err(MetaError::NotFound(format!(
-                "workspace {:?} has no version {n} (head is {head})",
-                ws.info.name
-            ))),
+            VersionRef::Number(n) if n == 0 || n > head => {
+                Err(MetaError::NotFound(format!("workspace {:?} has no version {n} (head is {head})", ws.info.name)))
+            }
             VersionRef::Number(n) => Ok(n),
         }
     }
@@ -135,8 +125,7 @@ impl MetaStore {
 
     /// The record of version `n`. `NotFound` if the workspace has no such version.
     pub async fn version(&self, ws: &WorkspaceRow, n: u64) -> Result<VersionInfo, MetaError> {
-        let missing =
-            || MetaError::NotFound(format!("workspace {:?} has no version {n}", ws.info.name));
+        let missing = || MetaError::NotFound(format!("workspace {:?} has no version {n}", ws.info.name));
         let number = i64::try_from(n).map_err(|_| missing())?;
         let row = sqlx::query(
             "SELECT number, parent, created_at, message, author, file_count, total_bytes, changes \

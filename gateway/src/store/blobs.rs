@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
+use podfs_protocol::ContentHash;
 use podfs_protocol::api::BlobUploaded;
 use podfs_protocol::blob::{self, Codec};
-use podfs_protocol::ContentHash;
 use tokio::io::AsyncWriteExt;
 
 use super::{BlobBackend, ByteStream, StoreError};
@@ -35,7 +35,10 @@ pub fn key(hash: &ContentHash) -> String {
 pub enum Content {
     Memory(Bytes),
     /// An anonymous temporary file holding the content (gone when dropped).
-    File { file: std::fs::File, len: u64 },
+    File {
+        file: std::fs::File,
+        len: u64,
+    },
 }
 
 impl Content {
@@ -188,8 +191,13 @@ impl BlobService {
                     let codec = if blob::worth_compressing(&sample) { Codec::Zstd } else { Codec::Raw };
                     file.seek(SeekFrom::Start(0)).map_err(io)?;
                     let out = tempfile::NamedTempFile::new_in(&spool_dir).map_err(io)?;
-                    let n = blob::encode_to(std::io::BufReader::new(file), len, codec, std::io::BufWriter::new(out.as_file()))
-                        .map_err(|e| Error::Internal(format!("encoding an upload: {e}")))?;
+                    let n = blob::encode_to(
+                        std::io::BufReader::new(file),
+                        len,
+                        codec,
+                        std::io::BufWriter::new(out.as_file()),
+                    )
+                    .map_err(|e| Error::Internal(format!("encoding an upload: {e}")))?;
                     Ok((out.into_temp_path(), n))
                 })
                 .await?;
@@ -207,12 +215,15 @@ impl BlobService {
     /// Reads, decodes and verifies a blob of `size` content bytes.
     pub async fn read(&self, hash: &ContentHash, size: u64) -> Result<Content, Error> {
         let stream = self.backend.get(&key(hash)).await.map_err(|e| match e {
-            StoreError::NotFound(_) => Error::Corrupt(format!("blob {hash} is recorded but missing from the blob store")),
+            StoreError::NotFound(_) => {
+                Error::Corrupt(format!("blob {hash} is recorded but missing from the blob store"))
+            }
             other => other.into(),
         })?;
         let hash = *hash;
         if size <= MEMORY_LIMIT {
-            let stored = super::read_all(stream).await.map_err(|e| Error::Unavailable(format!("reading blob {hash}: {e}")))?;
+            let stored =
+                super::read_all(stream).await.map_err(|e| Error::Unavailable(format!("reading blob {hash}: {e}")))?;
             let content = blocking(move || blob::decode(&stored, &hash).map_err(|e| verify_error(&hash, e))).await?;
             return Ok(Content::Memory(Bytes::from(content)));
         }
@@ -222,8 +233,12 @@ impl BlobService {
             let io = |e: std::io::Error| Error::Internal(format!("spooling blob {hash}: {e}"));
             let mut out = tempfile::tempfile_in(&spool).map_err(io)?;
             let bridge = tokio_util::io::SyncIoBridge::new(reader);
-            let len = blob::decode_to(std::io::BufReader::with_capacity(256 * 1024, bridge), &hash, std::io::BufWriter::new(&mut out))
-                .map_err(|e| verify_error(&hash, e))?;
+            let len = blob::decode_to(
+                std::io::BufReader::with_capacity(256 * 1024, bridge),
+                &hash,
+                std::io::BufWriter::new(&mut out),
+            )
+            .map_err(|e| verify_error(&hash, e))?;
             out.seek(SeekFrom::Start(0)).map_err(io)?;
             Ok(Content::File { file: out, len })
         })

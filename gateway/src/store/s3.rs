@@ -74,12 +74,13 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;
@@ -95,9 +96,10 @@ impl S3Backend {
             loader = loader.region(Region::new(r.clone()));
         }
         let sdk = loader.load().await;
-        let endpoint = p.endpoint.clone().or_else(|| {
-            std::env::var("AWS_ENDPOINT_URL_S3").or_else(|_| std::env::var("AWS_ENDPOINT_URL")).ok()
-        });
+        let endpoint = p
+            .endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").or_else(|_| std::env::var("AWS_ENDPOINT_URL")).ok());
         let (checksum_req, checksum_resp) = if opts.checksums_when_supported {
             (RequestChecksumCalculation::WhenSupported, ResponseChecksumValidation::WhenSupported)
         } else {
@@ -139,7 +141,9 @@ where
     let status = e.raw_response().map(|r| r.status().as_u16()).unwrap_or(0);
     let detail = format!("{key}: {}", aws_sdk_s3::error::DisplayErrorContext(&e));
     match &e {
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => StoreError::Unavailable(detail),
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+            StoreError::Unavailable(detail)
+        }
         SdkError::ServiceError(se) if matches!(se.err().code(), Some("NoSuchKey" | "NotFound")) || status == 404 => {
             StoreError::NotFound(key.to_string())
         }
@@ -172,14 +176,7 @@ impl BlobBackend for S3Backend {
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StoreError> {
         let k = self.key(key);
         let body = SdkStream::from_path(path).await.map_err(|e| StoreError::Other(e.to_string()))?;
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(&k)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| classify(&k, e))?;
+        self.client.put_object().bucket(&self.bucket).key(&k).body(body).send().await.map_err(|e| classify(&k, e))?;
         Ok(())
     }
 
@@ -209,8 +206,7 @@ impl BlobBackend for S3Backend {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let full = self.key(prefix);
         let mut out = Vec::new();
-        let mut pages =
-            self.client.list_objects_v2().bucket(&self.bucket).prefix(&full).into_paginator().send();
+        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(&full).into_paginator().send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| classify(&full, e))?;
             for o in page.contents() {
@@ -226,14 +222,8 @@ impl BlobBackend for S3Backend {
     async fn presign_get(&self, key: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
         let k = self.key(key);
         let cfg = PresigningConfig::expires_in(ttl).map_err(|e| StoreError::Other(e.to_string()))?;
-        let req = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&k)
-            .presigned(cfg)
-            .await
-            .map_err(|e| classify(&k, e))?;
+        let req =
+            self.client.get_object().bucket(&self.bucket).key(&k).presigned(cfg).await.map_err(|e| classify(&k, e))?;
         Ok(Some(req.uri().to_string()))
     }
 }

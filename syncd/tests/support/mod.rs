@@ -41,14 +41,7 @@ pub struct Server {
 }
 
 fn err(status: StatusCode, code: &str, message: &str) -> Response {
-    (
-        status,
-        Json(ErrorBody {
-            code: code.into(),
-            message: message.into(),
-        }),
-    )
-        .into_response()
+    (status, Json(ErrorBody { code: code.into(), message: message.into() })).into_response()
 }
 
 fn authorized(h: &HeaderMap) -> bool {
@@ -58,11 +51,7 @@ fn authorized(h: &HeaderMap) -> bool {
 macro_rules! auth {
     ($h:expr) => {
         if !authorized(&$h) {
-            return err(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing or wrong token",
-            );
+            return err(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong token");
         }
     };
 }
@@ -118,57 +107,29 @@ async fn workspace(State(s): State<Shared>, h: HeaderMap, Path(ws): Path<String>
 async fn versions(State(s): State<Shared>, h: HeaderMap, Path(ws): Path<String>) -> Response {
     auth!(h);
     let s = s.lock().unwrap();
-    let versions = (1..=s.versions.len() as u64)
-        .rev()
-        .map(|v| info(&ws, v, &s.versions[v as usize - 1]))
-        .collect();
+    let versions = (1..=s.versions.len() as u64).rev().map(|v| info(&ws, v, &s.versions[v as usize - 1])).collect();
     Json(VersionList { versions }).into_response()
 }
 
-async fn manifest(
-    State(s): State<Shared>,
-    h: HeaderMap,
-    Path((ws, v)): Path<(String, String)>,
-) -> Response {
+async fn manifest(State(s): State<Shared>, h: HeaderMap, Path((ws, v)): Path<(String, String)>) -> Response {
     auth!(h);
     let s = s.lock().unwrap();
     let head = s.versions.len() as u64;
-    let n = if v == "head" {
-        head
-    } else {
-        v.parse().unwrap_or(0)
-    };
+    let n = if v == "head" { head } else { v.parse().unwrap_or(0) };
     if let Some(entries) = &s.manifest_override {
-        return Json(Manifest {
-            workspace: ws,
-            version: n.max(1),
-            entries: entries.clone(),
-        })
-        .into_response();
+        return Json(Manifest { workspace: ws, version: n.max(1), entries: entries.clone() }).into_response();
     }
     if n == 0 || n > head {
         return err(StatusCode::NOT_FOUND, "not_found", "no such version");
     }
-    Json(Manifest {
-        workspace: ws,
-        version: n,
-        entries: s.versions[n as usize - 1].clone(),
-    })
-    .into_response()
+    Json(Manifest { workspace: ws, version: n, entries: s.versions[n as usize - 1].clone() }).into_response()
 }
 
 async fn missing(State(s): State<Shared>, h: HeaderMap, Json(b): Json<HashBatch>) -> Response {
     auth!(h);
     assert!(b.hashes.len() <= MAX_HASH_BATCH);
     let s = s.lock().unwrap();
-    Json(MissingBlobs {
-        missing: b
-            .hashes
-            .into_iter()
-            .filter(|h| !s.blobs.contains_key(h))
-            .collect(),
-    })
-    .into_response()
+    Json(MissingBlobs { missing: b.hashes.into_iter().filter(|h| !s.blobs.contains_key(h)).collect() }).into_response()
 }
 
 async fn upload(
@@ -180,27 +141,14 @@ async fn upload(
     auth!(h);
     let hash: ContentHash = hash.parse().unwrap();
     if ContentHash::of(&body) != hash {
-        return err(
-            StatusCode::BAD_REQUEST,
-            "hash_mismatch",
-            "content does not match the hash",
-        );
+        return err(StatusCode::BAD_REQUEST, "hash_mismatch", "content does not match the hash");
     }
     let mut s = s.lock().unwrap();
     s.uploads += 1;
     let stored = podfs_protocol::blob::encode(&body);
     let stored_size = stored.len() as u64;
     let created = s.blobs.insert(hash, stored).is_none();
-    (
-        StatusCode::CREATED,
-        Json(BlobUploaded {
-            hash,
-            size: body.len() as u64,
-            stored_size,
-            created,
-        }),
-    )
-        .into_response()
+    (StatusCode::CREATED, Json(BlobUploaded { hash, size: body.len() as u64, stored_size, created })).into_response()
 }
 
 async fn locations(
@@ -219,19 +167,11 @@ async fn locations(
         .into_iter()
         .map(|hash| BlobLocation {
             hash,
-            url: if presigned {
-                format!("/s3/{hash}")
-            } else {
-                format!("/v1/workspaces/{ws}/blobs/{hash}")
-            },
+            url: if presigned { format!("/s3/{hash}") } else { format!("/v1/workspaces/{ws}/blobs/{hash}") },
             gateway: !presigned,
         })
         .collect();
-    Json(BlobLocations {
-        expires_in_secs: 60,
-        locations,
-    })
-    .into_response()
+    Json(BlobLocations { expires_in_secs: 60, locations }).into_response()
 }
 
 fn stored(s: &Fake, hash: &str) -> Response {
@@ -251,11 +191,7 @@ fn stored(s: &Fake, hash: &str) -> Response {
     }
 }
 
-async fn blob(
-    State(s): State<Shared>,
-    h: HeaderMap,
-    Path((_ws, hash)): Path<(String, String)>,
-) -> Response {
+async fn blob(State(s): State<Shared>, h: HeaderMap, Path((_ws, hash)): Path<(String, String)>) -> Response {
     auth!(h);
     stored(&s.lock().unwrap(), &hash)
 }
@@ -287,34 +223,20 @@ async fn commit(
     let mut s = s.lock().unwrap();
     let head = s.versions.len() as u64;
     if s.force_conflict || req.parent_version != head {
-        return err(
-            StatusCode::CONFLICT,
-            "conflict",
-            "parent_version is not the head",
-        );
+        return err(StatusCode::CONFLICT, "conflict", "parent_version is not the head");
     }
     if req.changes.is_empty() {
         return err(StatusCode::BAD_REQUEST, "bad_request", "empty change list");
     }
-    let mut tree: BTreeMap<String, Entry> = s
-        .versions
-        .last()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|e| (e.path.to_string(), e))
-        .collect();
+    let mut tree: BTreeMap<String, Entry> =
+        s.versions.last().cloned().unwrap_or_default().into_iter().map(|e| (e.path.to_string(), e)).collect();
     for c in &req.changes {
         match c {
             Change::Put(e) => {
-                if let Some(h) = e.hash {
-                    if !s.blobs.contains_key(&h) {
-                        return err(
-                            StatusCode::BAD_REQUEST,
-                            "missing_blobs",
-                            "blob never uploaded",
-                        );
-                    }
+                if let Some(h) = e.hash
+                    && !s.blobs.contains_key(&h)
+                {
+                    return err(StatusCode::BAD_REQUEST, "missing_blobs", "blob never uploaded");
                 }
                 tree.insert(e.path.to_string(), e.clone());
             }
@@ -325,20 +247,9 @@ async fn commit(
     }
     let tree: Vec<Entry> = tree.into_values().collect();
     // the closed-tree rule
-    let dirs: HashSet<&str> = tree
-        .iter()
-        .filter(|e| e.hash.is_none())
-        .map(|e| e.path.as_str())
-        .collect();
-    if let Some(orphan) = tree
-        .iter()
-        .find(|e| !e.path.parent_str().is_empty() && !dirs.contains(e.path.parent_str()))
-    {
-        return err(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            &format!("{} has no parent directory", orphan.path),
-        );
+    let dirs: HashSet<&str> = tree.iter().filter(|e| e.hash.is_none()).map(|e| e.path.as_str()).collect();
+    if let Some(orphan) = tree.iter().find(|e| !e.path.parent_str().is_empty() && !dirs.contains(e.path.parent_str())) {
+        return err(StatusCode::BAD_REQUEST, "bad_request", &format!("{} has no parent directory", orphan.path));
     }
     s.versions.push(tree.clone());
     let mut i = info(&ws, head + 1, &tree);
