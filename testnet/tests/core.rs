@@ -136,7 +136,11 @@ async fn identical_content_is_stored_once_in_s3() {
     let keys = podfs_testnet::s3::list_keys(&store).await.expect("list bucket");
     let hits: Vec<&String> = keys.iter().filter(|k| k.contains(&hash)).collect();
     assert_eq!(hits.len(), 1, "content must be stored once, found {hits:?} among {} keys", keys.len());
-    // and it is stored compressed: the object is far smaller than the content
+    // stored compressed, in the blob format, and it decodes to the content
+    let stored = podfs_testnet::s3::get_object(&store, hits[0]).await.expect("get object");
+    assert!(stored.len() < content.len() / 4, "{} stored bytes for {} content bytes", stored.len(), content.len());
+    let decoded = podfs_protocol::blob::decode(&stored, &ContentHash::of(content.as_bytes())).expect("decodes");
+    assert_eq!(decoded, content.as_bytes());
     gw.stop().await.expect("stop");
     db.cleanup().await;
 }
@@ -246,4 +250,33 @@ fn pg_host_port(url: &str) -> String {
     let rest = rest.rsplit_once('@').map(|x| x.1).unwrap_or(rest);
     let host = rest.split('/').next().unwrap_or(rest);
     if host.contains(':') { host.to_string() } else { format!("{host}:5432") }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tampered_blob_in_s3_is_never_served() {
+    let (gw, db, store) = real_gateway().await;
+    let client = gw.client();
+    client.create_workspace("t").await.expect("create");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    let content = format!("precious {}\n", rand::random::<u64>());
+    std::fs::write(src.join("a.txt"), &content).expect("write");
+    push(&client, "t", &src, PushOptions::default()).await.expect("push");
+    let hash = ContentHash::of(content.as_bytes()).to_string();
+    let keys = podfs_testnet::s3::list_keys(&store).await.expect("list");
+    let key = keys.iter().find(|k| k.contains(&hash)).expect("stored object");
+    // someone replaces the object with a well-formed blob of other content
+    let forged = podfs_protocol::blob::encode(b"forged content\n");
+    podfs_testnet::s3::put_object(&store, key, forged).await.expect("overwrite");
+
+    let err = client.get_file("t", VersionRef::Head, &WsPath::new("a.txt").expect("path")).await.err();
+    let err = err.expect("a tampered blob must not be served");
+    assert_eq!(err.code(), Some("corrupt"), "{err}");
+    let out = tmp.path().join("out");
+    let pulled = pull(&client, "t", VersionRef::Head, &out, PullOptions::default()).await;
+    assert!(pulled.is_err(), "pull must refuse the tampered blob");
+    assert!(!out.join("a.txt").exists(), "nothing unverified reaches the final path");
+    gw.stop().await.expect("stop");
+    db.cleanup().await;
 }
