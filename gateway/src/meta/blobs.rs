@@ -6,9 +6,7 @@
 
 use std::collections::HashSet;
 
-use sqlx::Row;
-
-use super::sql::{CHUNK, now_ms, params, stored_hash, stored_hashes};
+use super::sql::{hashes_found, now_ms, stored_hashes};
 use super::{ContentHash, MetaError, MetaStore};
 
 impl MetaStore {
@@ -42,22 +40,10 @@ impl MetaStore {
 
     /// Which of `hashes` some version of the workspace references (live or not).
     pub async fn referenced_by(&self, ws_id: i64, hashes: &[ContentHash]) -> Result<HashSet<ContentHash>, MetaError> {
-        let mut found = HashSet::new();
         let mut conn = self.pool.acquire().await?;
-        for chunk in hashes.chunks(CHUNK) {
-            let sql = format!(
-                "SELECT DISTINCT hash FROM entries WHERE workspace_id = $1 AND hash IN ({})",
-                params(2, chunk.len())
-            );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false).bind(ws_id);
-            for h in chunk {
-                query = query.bind(h.0.to_vec());
-            }
-            for row in query.fetch_all(&mut *conn).await? {
-                let raw: Vec<u8> = row.try_get("hash")?;
-                found.insert(stored_hash(&raw)?);
-            }
-        }
-        Ok(found)
+        hashes_found(&mut conn, Some(ws_id), hashes, |list| {
+            format!("SELECT DISTINCT hash FROM entries WHERE workspace_id = $1 AND hash IN ({list})")
+        })
+        .await
     }
 }

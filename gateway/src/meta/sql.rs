@@ -88,10 +88,25 @@ pub(super) async fn stored_hashes(
     conn: &mut AnyConnection,
     hashes: &[ContentHash],
 ) -> Result<HashSet<ContentHash>, MetaError> {
+    hashes_found(conn, None, hashes, |list| format!("SELECT hash FROM blobs WHERE hash IN ({list})")).await
+}
+
+/// Runs the query `sql(placeholder list)`, which selects a `hash` column, over `hashes` in
+/// chunks and collects the hashes it finds. With `workspace`, `$1` is bound to it and the
+/// hash placeholders start at `$2`.
+pub(super) async fn hashes_found(
+    conn: &mut AnyConnection,
+    workspace: Option<i64>,
+    hashes: &[ContentHash],
+    sql: impl Fn(&str) -> String,
+) -> Result<HashSet<ContentHash>, MetaError> {
     let mut found = HashSet::new();
+    let first = if workspace.is_some() { 2 } else { 1 };
     for chunk in hashes.chunks(CHUNK) {
-        let sql = format!("SELECT hash FROM blobs WHERE hash IN ({})", params(1, chunk.len()));
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql(&params(first, chunk.len())))).persistent(false);
+        if let Some(ws) = workspace {
+            query = query.bind(ws);
+        }
         for h in chunk {
             query = query.bind(h.0.to_vec());
         }
