@@ -270,11 +270,11 @@ mod tests {
 
     #[tokio::test]
     async fn target_down_resets_the_client() {
-        // A port nothing listens on.
-        let dead = {
-            let l = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
-            l.local_addr().unwrap()
-        };
+        // A port bound but not listening: connections are refused, and the port stays taken
+        // for the whole test (a dropped listener's port may come back as the proxy's own).
+        let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+        reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let dead = reserved.local_addr().unwrap();
         let proxy = FaultProxy::start(dead).await.unwrap();
         assert!(!works(proxy.addr()).await);
         assert_eq!(proxy.forwarded(), 0);
