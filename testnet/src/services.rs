@@ -525,6 +525,15 @@ mod tests {
         assert!(StoreUrl::parse("http://x").is_err());
     }
 
+    async fn database_exists(admin: &mut PgConnection, name: &str) -> bool {
+        let row: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM pg_database WHERE datname = $1")
+            .bind(name)
+            .fetch_optional(admin)
+            .await
+            .unwrap();
+        row.is_some()
+    }
+
     /// Against the real PostgreSQL of `scripts/dev-services up`: fails (never skips) without it.
     #[tokio::test]
     async fn fresh_database_is_created_and_dropped() {
@@ -540,23 +549,13 @@ mod tests {
         let name = db.name.clone();
         drop(db);
         let mut admin = PgConnection::connect(&services.pg_admin_url).await.unwrap();
-        let left: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM pg_database WHERE datname = $1")
-            .bind(&name)
-            .fetch_optional(&mut admin)
-            .await
-            .unwrap();
-        assert!(left.is_none(), "{name} still exists");
+        assert!(!database_exists(&mut admin, &name).await, "{name} still exists");
 
         // cleanup() does the same from async code.
         let db = fresh_database(&services.pg_admin_url).await.unwrap();
         let name = db.name.clone();
         db.try_cleanup().await.unwrap();
-        let left: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM pg_database WHERE datname = $1")
-            .bind(&name)
-            .fetch_optional(&mut admin)
-            .await
-            .unwrap();
-        assert!(left.is_none(), "{name} still exists");
+        assert!(!database_exists(&mut admin, &name).await, "{name} still exists");
     }
 
     #[test]
