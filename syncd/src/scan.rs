@@ -24,8 +24,12 @@ use rayon::prelude::*;
 pub const IGNORE_FILE: &str = ".podfsignore";
 /// Top-level directory that is never pushed (syncd's state).
 pub const STATE_DIR: &str = ".podfs";
-/// Files at least this large are hashed memory-mapped across rayon threads.
-pub const MMAP_HASH_THRESHOLD: u64 = 1 << 20;
+/// Files at least this large are hashed by reading fixed-size chunks, each hashed on several
+/// threads; smaller ones are read whole. Never through mmap: a file truncated while mapped
+/// kills the process with SIGBUS, and a devpod's files change under us.
+pub const LARGE_HASH_THRESHOLD: u64 = 1 << 20;
+/// Chunk read at a time when hashing a large file.
+const HASH_CHUNK: usize = 4 << 20;
 
 /// Where the content of a hash can be read again for upload.
 #[derive(Debug, Clone)]
@@ -160,9 +164,18 @@ fn ws_path(root: &Path, local: &Path) -> anyhow::Result<WsPath> {
 /// BLAKE3 of a file and the number of bytes hashed.
 pub fn hash_file(path: &Path) -> io::Result<(ContentHash, u64)> {
     let len = fs::symlink_metadata(path)?.len();
-    if len >= MMAP_HASH_THRESHOLD {
+    if len >= LARGE_HASH_THRESHOLD {
+        use std::io::Read;
+        let mut file = fs::File::open(path)?;
         let mut h = blake3::Hasher::new();
-        h.update_mmap_rayon(path)?;
+        let mut buf = vec![0u8; HASH_CHUNK];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update_rayon(&buf[..n]);
+        }
         Ok((h.finalize().into(), h.count()))
     } else {
         let data = fs::read(path)?;
@@ -234,7 +247,7 @@ mod tests {
     #[test]
     fn big_files_hash_like_small_ones() {
         let tmp = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..3 * MMAP_HASH_THRESHOLD as usize + 7).map(|i| (i * 31 % 251) as u8).collect();
+        let data: Vec<u8> = (0..3 * LARGE_HASH_THRESHOLD as usize + 7).map(|i| (i * 31 % 251) as u8).collect();
         fs::write(tmp.path().join("big"), &data).unwrap();
         let (h, n) = hash_file(&tmp.path().join("big")).unwrap();
         assert_eq!((h, n), (ContentHash::of(&data), data.len() as u64));
