@@ -1,7 +1,5 @@
 //! A gateway running in-process on a loopback port, for end-to-end tests.
 
-use std::path::Path;
-
 use podfs_client::Client;
 use podfs_gateway::config::Config;
 use tokio::task::JoinHandle;
@@ -50,17 +48,9 @@ impl TestGateway {
         Ok(Self { url: format!("http://{}", config.listen), config, shutdown, task: Some(task), _dir: dir })
     }
 
-    pub fn data_dir(&self) -> &Path {
-        &self.config.data_dir
-    }
-
     /// A client with the admin token.
     pub fn client(&self) -> Client {
-        self.client_with(Some(ADMIN_TOKEN.to_string()))
-    }
-
-    pub fn client_with(&self, token: Option<String>) -> Client {
-        Client::new(&self.url, token).expect("client for a loopback URL")
+        Client::new(&self.url, Some(ADMIN_TOKEN.to_string())).expect("client for a loopback URL")
     }
 
     /// Runs the `podfs` CLI in-process against this gateway; returns (exit success, stdout).

@@ -17,7 +17,7 @@ pub mod workspaces;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -73,39 +73,40 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(system::metrics))
 }
 
+/// The routes that take JSON bodies and those that take uploads (which enforce their own limit,
+/// max_blob_size, while streaming), with the OpenAPI document of both.
+fn parts() -> (axum::Router<AppState>, axum::Router<AppState>, utoipa::openapi::OpenApi) {
+    let (json_routes, mut doc) = api().split_for_parts();
+    let (upload_routes, upload_doc) =
+        OpenApiRouter::<AppState>::new().routes(routes!(blobs::upload, blobs::download)).split_for_parts();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc.merge(upload_doc);
+    (json_routes, upload_routes, doc)
+}
+
 /// The OpenAPI document of the API, as served at `/v1/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    let mut doc = api().into_openapi();
-    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
-    let (_, blob_routes) =
-        OpenApiRouter::<AppState>::new().routes(routes!(blobs::upload, blobs::download)).split_for_parts();
-    doc.merge(blob_routes);
-    doc
+    parts().2
 }
 
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
-    let doc = openapi().to_pretty_json().unwrap_or_default();
-    let json_limit = state.config.max_json_body;
-    let (json_routes, _) = api().split_for_parts();
-    // uploads enforce their own limit (max_blob_size) while streaming
-    let upload = Router::new()
-        .route("/v1/workspaces/{workspace}/blobs/{hash}", axum::routing::put(blobs::upload).get(blobs::download))
-        .layer(DefaultBodyLimit::disable());
+    let (json_routes, upload_routes, doc) = parts();
+    let doc = doc.to_pretty_json().unwrap_or_default();
     json_routes
         .route("/v1/workspaces/{workspace}/versions/{version}/files/{*path}", get(files::get_file))
         .route("/v1/openapi.json", get(move || async move { ([("content-type", "application/json")], doc) }))
-        .layer(DefaultBodyLimit::max(json_limit))
-        .merge(upload)
+        .layer(DefaultBodyLimit::max(state.config.max_json_body))
+        .merge(upload_routes.layer(DefaultBodyLimit::disable()))
         .fallback(|| async { Error::NotFound("no such route".into()) })
-        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(middleware::from_fn(track))
         .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::custom(|_| Error::Internal("the request handler panicked".into()).into_response()))
         .with_state(state)
 }
 
 /// Counts requests and their latency by route and status.
-async fn track(State(_): State<AppState>, req: Request, next: Next) -> Response {
+async fn track(req: Request, next: Next) -> Response {
     let route =
         req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();

@@ -121,10 +121,6 @@ impl BlobService {
         &self.backend
     }
 
-    pub fn max_blob_size(&self) -> u64 {
-        self.max_blob_size
-    }
-
     pub fn presign_ttl(&self) -> Duration {
         self.presign_ttl
     }
