@@ -22,6 +22,8 @@ pub const DEFAULT_PRESIGN_TTL_SECS: u64 = 900;
 /// Largest JSON request body (a commit of ~300k changes).
 pub const DEFAULT_MAX_JSON_BODY: usize = 64 << 20;
 /// Name of the admin token file written by the embedded default.
+/// Files up to this size have their bytes inside a version's manifest.sqlite.
+pub const DEFAULT_MANIFEST_SMALL_FILE_LIMIT: u64 = podfs_manifest::DEFAULT_SMALL_FILE_LIMIT;
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
 #[derive(Debug, Clone, Parser, Default)]
@@ -52,6 +54,9 @@ pub struct Args {
     #[arg(long, env = "PODFS_S3_CHECKSUMS")]
     pub s3_checksums: Option<bool>,
     /// TOML file with any of the settings above (keys as the flags, with `_` for `-`)
+    /// Files up to this many bytes travel inside manifest.sqlite (default 128 KiB).
+    #[arg(long, env = "PODFS_MANIFEST_SMALL_FILE_LIMIT")]
+    pub manifest_small_file_limit: Option<u64>,
     #[arg(long, env = "PODFS_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -67,6 +72,7 @@ struct FileConfig {
     max_blob_size: Option<u64>,
     presign_ttl_secs: Option<u64>,
     s3_checksums: Option<bool>,
+    manifest_small_file_limit: Option<u64>,
 }
 
 /// The resolved configuration.
@@ -82,6 +88,7 @@ pub struct Config {
     pub presign_ttl: Duration,
     pub s3_checksums: bool,
     pub max_json_body: usize,
+    pub manifest_small_file_limit: u64,
 }
 
 impl Config {
@@ -117,6 +124,10 @@ impl Config {
             ),
             s3_checksums: args.s3_checksums.or(file.s3_checksums).unwrap_or(false),
             max_json_body: DEFAULT_MAX_JSON_BODY,
+            manifest_small_file_limit: args
+                .manifest_small_file_limit
+                .or(file.manifest_small_file_limit)
+                .unwrap_or(DEFAULT_MANIFEST_SMALL_FILE_LIMIT),
             data_dir,
         })
     }

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod manifests;
 pub mod meta;
 pub mod server;
 pub mod store;

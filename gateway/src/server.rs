@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ADMIN_TOKEN_FILE, Config};
+use crate::manifests::ManifestService;
 use crate::meta::MetaStore;
 use crate::store::{self, BlobService};
 
@@ -18,6 +19,7 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     pub meta: MetaStore,
     pub blobs: BlobService,
+    pub manifests: ManifestService,
     pub config: Config,
     /// BLAKE3 of the admin token (compared in constant time by `blake3::Hash`'s `Eq`).
     pub admin_token_hash: blake3::Hash,
@@ -59,10 +61,12 @@ pub async fn build(config: Config) -> anyhow::Result<AppState> {
         store::from_url(&config.blob_store, &store::s3::S3Options { checksums_when_supported: config.s3_checksums })
             .await?;
     let admin_token = admin_token(&config).await?;
-    let blobs = BlobService::new(backend, meta.clone(), spool, config.max_blob_size, config.presign_ttl);
+    let blobs = BlobService::new(backend, meta.clone(), spool.clone(), config.max_blob_size, config.presign_ttl);
+    let manifests = ManifestService::new(meta.clone(), blobs.clone(), spool, config.manifest_small_file_limit);
     Ok(AppState(Arc::new(Inner {
         meta,
         blobs,
+        manifests,
         admin_token_hash: blake3::hash(admin_token.as_bytes()),
         metrics: metrics_handle(),
         config,

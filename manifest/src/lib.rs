@@ -36,6 +36,13 @@ CREATE TABLE entries (
 ) WITHOUT ROWID;
 CREATE TABLE blobs (id INTEGER PRIMARY KEY, hash BLOB NOT NULL UNIQUE, data BLOB NOT NULL);
 CREATE TABLE deleted (path TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE replaced (
+    path TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('file', 'symlink', 'dir')),
+    mode INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    hash BLOB
+) WITHOUT ROWID;
 ";
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +119,7 @@ impl Writer {
         conn.pragma_update(None, "secure_delete", "ON")?;
         let w = Self::begin(conn)?;
         w.conn.execute("DELETE FROM deleted", [])?;
+        w.conn.execute("DELETE FROM replaced", [])?;
         w.set_header(header)?;
         Ok(w)
     }
@@ -166,6 +174,22 @@ impl Writer {
         Ok(())
     }
 
+    /// Records what `e.path` held at the base version (a delta), so that a client can check
+    /// that the path it is about to change still holds what the base said.
+    pub fn put_replaced(&mut self, e: &Entry) -> Result<()> {
+        let mut st = self.conn.prepare_cached(
+            "INSERT OR REPLACE INTO replaced (path, kind, mode, size, hash) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        st.execute(params![
+            e.path.as_str(),
+            e.kind.as_str(),
+            e.mode,
+            e.size as i64,
+            e.hash.as_ref().map(|h| h.as_bytes().as_slice())
+        ])?;
+        Ok(())
+    }
+
     /// Adds the bytes of `hash`; the caller has verified them. Adding twice is a no-op.
     pub fn put_blob(&mut self, hash: &ContentHash, data: &[u8]) -> Result<()> {
         let mut st = self.conn.prepare_cached("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?1, ?2)")?;
@@ -181,10 +205,9 @@ impl Writer {
 
     /// Drops BLOBs no entry refers to any more (after a diff was applied).
     pub fn drop_unreferenced_blobs(&mut self) -> Result<u64> {
-        let n = self.conn.execute(
-            "DELETE FROM blobs WHERE hash NOT IN (SELECT hash FROM entries WHERE hash IS NOT NULL)",
-            [],
-        )?;
+        let n = self
+            .conn
+            .execute("DELETE FROM blobs WHERE hash NOT IN (SELECT hash FROM entries WHERE hash IS NOT NULL)", [])?;
         Ok(n as u64)
     }
 
@@ -241,7 +264,7 @@ impl Reader {
         conn.pragma_update(None, "cell_size_check", "ON")?;
         conn.pragma_update(None, "mmap_size", 0)?;
         check_format(&conn)?;
-        for table in ["meta", "entries", "blobs", "deleted"] {
+        for table in ["meta", "entries", "blobs", "deleted", "replaced"] {
             let sql: Option<String> = conn
                 .query_row("SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?1", [table], |r| r.get(0))
                 .optional()?;
@@ -261,7 +284,8 @@ impl Reader {
         let get = |key: &str| -> Result<Option<String>> {
             Ok(self.conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
         };
-        let need = |key: &str| -> Result<String> { get(key)?.ok_or_else(|| Error::Format(format!("meta {key} missing"))) };
+        let need =
+            |key: &str| -> Result<String> { get(key)?.ok_or_else(|| Error::Format(format!("meta {key} missing"))) };
         let num = |key: &str, s: String| -> Result<u64> {
             s.parse().map_err(|_| Error::Format(format!("meta {key} is not a number: {s:?}")))
         };
@@ -288,24 +312,20 @@ impl Reader {
         )?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
-            let path: String = r.get(0)?;
-            let bad = |problem: String| Error::BadEntry { path: path.clone(), problem };
-            let kind: String = r.get(1)?;
-            let kind = EntryKind::parse(&kind).ok_or_else(|| bad(format!("unknown kind {kind:?}")))?;
-            let mode: i64 = r.get(2)?;
-            let size: i64 = r.get(3)?;
-            let hash: Option<Vec<u8>> = r.get(4)?;
-            let hash = match hash {
-                Some(h) => Some(ContentHash::from_slice(&h).map_err(|e| bad(e.to_string()))?),
-                None => None,
-            };
-            let mode = u32::try_from(mode).map_err(|_| bad(format!("mode {mode}")))?;
-            let size = u64::try_from(size).map_err(|_| bad(format!("size {size}")))?;
-            let wpath = WsPath::new(&path).map_err(|e| bad(e.to_string()))?;
-            let entry = Entry { path: wpath, kind, hash, size, mode }.validated().map_err(|e| bad(e.to_string()))?;
-            f(Row { entry, blob_id: r.get(5)? })?;
+            f(Row { entry: entry_of(r)?, blob_id: r.get(5)? })?;
         }
         Ok(())
+    }
+
+    /// What a delta's changed and deleted paths held at its base version, in path order.
+    pub fn replaced(&self) -> Result<Vec<Entry>> {
+        let mut st = self.conn.prepare("SELECT path, kind, mode, size, hash FROM replaced ORDER BY path")?;
+        let mut rows = st.query([])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(entry_of(r)?);
+        }
+        Ok(out)
     }
 
     /// Paths a delta manifest deletes, in path order.
@@ -336,6 +356,25 @@ impl Reader {
         let data: Option<Vec<u8>> = st.query_row([hash.as_bytes().as_slice()], |r| r.get(0)).optional()?;
         data.map(|d| verify_blob(hash, size, d)).transpose()
     }
+}
+
+/// One `entries` (or `replaced`) row, its fields checked.
+fn entry_of(r: &rusqlite::Row<'_>) -> Result<Entry> {
+    let path: String = r.get(0)?;
+    let bad = |problem: String| Error::BadEntry { path: path.clone(), problem };
+    let kind: String = r.get(1)?;
+    let kind = EntryKind::parse(&kind).ok_or_else(|| bad(format!("unknown kind {kind:?}")))?;
+    let mode: i64 = r.get(2)?;
+    let size: i64 = r.get(3)?;
+    let hash: Option<Vec<u8>> = r.get(4)?;
+    let hash = match hash {
+        Some(h) => Some(ContentHash::from_slice(&h).map_err(|e| bad(e.to_string()))?),
+        None => None,
+    };
+    let mode = u32::try_from(mode).map_err(|_| bad(format!("mode {mode}")))?;
+    let size = u64::try_from(size).map_err(|_| bad(format!("size {size}")))?;
+    let wpath = WsPath::new(&path).map_err(|e| bad(e.to_string()))?;
+    Entry { path: wpath, kind, hash, size, mode }.validated().map_err(|e| bad(e.to_string()))
 }
 
 /// Checks `data` against its name and expected length.

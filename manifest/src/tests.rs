@@ -165,7 +165,10 @@ fn transfer_round_trip_and_refusals() {
     assert_eq!(out, std::fs::read(&path).unwrap());
 
     let wrong = ContentHash::of(b"x");
-    assert!(matches!(decompress_verified(frame.as_slice(), &wrong, c.size, Vec::new()), Err(Error::FileMismatch { .. })));
+    assert!(matches!(
+        decompress_verified(frame.as_slice(), &wrong, c.size, Vec::new()),
+        Err(Error::FileMismatch { .. })
+    ));
     // a frame inflating past the stated size is cut off at the cap
     assert!(matches!(
         decompress_verified(frame.as_slice(), &c.hash, c.size - 1, Vec::new()),

@@ -14,6 +14,12 @@ pub const MAX_WORKSPACE_NAME: usize = 128;
 pub const KIND_HEADER: &str = "x-podfs-kind";
 /// Response header carrying the resolved version number on single-file GETs.
 pub const VERSION_HEADER: &str = "x-podfs-version";
+/// BLAKE3 (hex) of the decompressed manifest.sqlite a response carries.
+pub const MANIFEST_HASH_HEADER: &str = "x-podfs-manifest-hash";
+/// Length in bytes of the decompressed manifest.sqlite a response carries.
+pub const MANIFEST_SIZE_HEADER: &str = "x-podfs-manifest-size";
+/// For a delta manifest: the version it starts from.
+pub const MANIFEST_BASE_HEADER: &str = "x-podfs-manifest-base";
 /// Content type of a stored blob (the `blob` module's format) when downloaded as is.
 pub const BLOB_CONTENT_TYPE: &str = "application/vnd.podfs.blob";
 
@@ -167,6 +173,12 @@ pub struct DirListing {
 pub struct DirQuery {
     /// Directory to list; the top of the tree when absent.
     pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+pub struct ManifestQuery {
+    /// Send only the changes since this version (a delta manifest) instead of the whole tree.
+    pub since: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, IntoParams)]

@@ -11,11 +11,13 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod cache;
 pub mod cat;
 pub mod changes;
 pub mod cli;
 pub mod diff;
 pub mod history;
+pub mod hydrate;
 pub mod log;
 pub mod manifest;
 pub mod output;
@@ -29,6 +31,7 @@ pub mod token;
 pub mod workspace;
 
 pub use cli::{Cli, run, run_with};
+pub use hydrate::{HydrateOptions, HydrateReport, hydrate};
 pub use podfs_client::Client;
 pub use podfs_protocol::VersionRef;
 pub use pull::{PullError, PullOptions, PullReport, pull};

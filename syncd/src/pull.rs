@@ -25,6 +25,9 @@ use podfs_protocol::api::{BlobLocation, MAX_HASH_BATCH};
 use podfs_protocol::{ContentHash, Entry, EntryKind, VersionRef, WsPath};
 use serde::Serialize;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::cache::ContentCache;
 use crate::manifest;
 use crate::progress;
 use crate::restore::{self, TempFile};
@@ -79,17 +82,31 @@ pub enum PullError {
 }
 
 /// One distinct content and every path that holds it.
-struct Blob {
-    hash: ContentHash,
-    size: u64,
-    targets: Vec<Entry>,
+pub(crate) struct Blob {
+    pub(crate) hash: ContentHash,
+    pub(crate) size: u64,
+    pub(crate) targets: Vec<Entry>,
 }
 
-struct Ctx {
-    client: Client,
-    ws: String,
-    root: Arc<Dir>,
-    bar: ProgressBar,
+/// What downloads from the blob store did (for the per-source summary).
+#[derive(Debug, Default)]
+pub(crate) struct RemoteStats {
+    /// Paths written from downloaded content.
+    pub(crate) files: AtomicU64,
+    /// Content bytes downloaded.
+    pub(crate) bytes: AtomicU64,
+    /// HTTP requests: blob GETs and location batches.
+    pub(crate) requests: AtomicU64,
+}
+
+pub(crate) struct Ctx {
+    pub(crate) client: Client,
+    pub(crate) ws: String,
+    pub(crate) root: Arc<Dir>,
+    pub(crate) bar: ProgressBar,
+    /// Downloaded content is also added here.
+    pub(crate) cache: Option<ContentCache>,
+    pub(crate) stats: RemoteStats,
 }
 
 /// Pulls `version` of `ws` into `dir`, which must not exist or be empty.
@@ -133,6 +150,7 @@ pub async fn pull(
         downloaded_bytes: plan.blobs.iter().map(|b| b.size).sum(),
     };
     let Plan { dirs, blobs, .. } = plan;
+    let total = std::time::Instant::now();
 
     let root = {
         let dir = dir.to_path_buf();
@@ -152,6 +170,8 @@ pub async fn pull(
         ws: ws.to_string(),
         root: Arc::new(root),
         bar: progress::bytes_bar(opts.progress, report.downloaded_bytes, "pulling"),
+        cache: None,
+        stats: RemoteStats::default(),
     });
 
     download_all(&ctx, blobs, opts.concurrency.max(1)).await.with_context(|| {
@@ -168,6 +188,8 @@ pub async fn pull(
     .await
     .context("directory task failed")??;
     ctx.bar.finish_and_clear();
+    crate::hydrate::write_state(dir, ws, report.version)?;
+    tracing::debug!(secs = total.elapsed().as_secs_f64(), "per-file pull done");
     Ok(report)
 }
 
@@ -224,7 +246,7 @@ async fn not_found(client: &Client, ws: &str, version: VersionRef) -> anyhow::Er
 }
 
 /// Downloads every blob: locations are fetched one batch at a time as the downloads need them.
-async fn download_all(ctx: &Arc<Ctx>, blobs: Vec<Blob>, concurrency: usize) -> anyhow::Result<()> {
+pub(crate) async fn download_all(ctx: &Arc<Ctx>, blobs: Vec<Blob>, concurrency: usize) -> anyhow::Result<()> {
     let mut batches = Vec::new();
     let mut rest = blobs.into_iter().peekable();
     while rest.peek().is_some() {
@@ -235,6 +257,7 @@ async fn download_all(ctx: &Arc<Ctx>, blobs: Vec<Blob>, concurrency: usize) -> a
             let ctx = Arc::clone(ctx);
             async move {
                 let hashes: Vec<ContentHash> = batch.iter().map(|b| b.hash).collect();
+                ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
                 let locs = ctx.client.blob_locations(&ctx.ws, &hashes).await.context("cannot get blob locations")?;
                 let stale_at = stale_at(locs.expires_in_secs);
                 let mut by_hash: HashMap<ContentHash, BlobLocation> =
@@ -288,6 +311,9 @@ async fn fresh(ctx: &Ctx, hash: ContentHash, located: Located) -> anyhow::Result
 }
 
 async fn download(ctx: &Arc<Ctx>, blob: Blob, loc: Located) -> anyhow::Result<()> {
+    ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.files.fetch_add(blob.targets.len() as u64, Ordering::Relaxed);
+    ctx.stats.bytes.fetch_add(blob.size, Ordering::Relaxed);
     if blob.size <= SMALL_BLOB { download_small(ctx, blob, loc).await } else { download_large(ctx, blob, loc).await }
 }
 
@@ -316,7 +342,11 @@ async fn download_small(ctx: &Arc<Ctx>, blob: Blob, mut loc: Located) -> anyhow:
     }
     let root = Arc::clone(&ctx.root);
     let size = blob.size;
+    let cache = ctx.cache.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        if let Some(cache) = cache {
+            cache.insert_bytes(&blob.hash, &content)?;
+        }
         for t in &blob.targets {
             match t.kind {
                 EntryKind::Symlink => restore::write_symlink(&root, &t.path, &content)?,
@@ -363,7 +393,12 @@ async fn download_large(ctx: &Arc<Ctx>, blob: Blob, mut loc: Located) -> anyhow:
         // `temp` is dropped here, removing the partial file
     };
     let root = Arc::clone(&ctx.root);
+    let cache = ctx.cache.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        if let Some(cache) = cache {
+            let mut verified = root.open(temp.path()).context("cannot reopen a download")?.into_std();
+            cache.insert_file(&blob.hash, blob.size, &mut verified)?;
+        }
         // copy from the temporary file, which is readable whatever the final mode
         for t in &blob.targets[1..] {
             restore::copy_file(&root, temp.path(), &t.path, t.mode)?;
@@ -381,16 +416,66 @@ async fn download_large(ctx: &Arc<Ctx>, blob: Blob, mut loc: Located) -> anyhow:
 pub struct PullArgs {
     /// WORKSPACE or WORKSPACE@VERSION (a number or `head`).
     pub target: crate::target::Target,
-    /// Where to write the tree: a new or empty directory.
+    /// Where to write the tree: a new or empty directory, or one holding an earlier pull of
+    /// the same workspace (switched in place: only differing paths are touched).
     pub dir: PathBuf,
     /// Downloads in flight at once.
     #[arg(long, default_value_t = DOWNLOAD_CONCURRENCY)]
     pub concurrency: usize,
+    /// Phase 1: one download per distinct content, no manifest.sqlite, no cache (for comparison).
+    #[arg(long)]
+    pub per_file: bool,
+    /// The local content cache shared by all workspaces [default: $XDG_CACHE_HOME/podfs].
+    #[arg(long, env = "PODFS_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Most bytes the cache keeps (least recently used content goes first).
+    #[arg(long, env = "PODFS_CACHE_SIZE", default_value_t = crate::cache::DEFAULT_LIMIT)]
+    pub cache_size: u64,
+    /// Switch versions in place even over local edits to the paths that differ (the edits are lost).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Human output: `pulled demo@3 into DIR: 120 files, 3 symlinks, 14 dirs, 4.5 MiB (110 blobs downloaded)`.
 pub async fn run(client: &Client, args: PullArgs, out: &mut crate::cli::Output<'_>) -> anyhow::Result<()> {
     use crate::output::{human_bytes, plural};
+    if !args.per_file {
+        let opts = crate::hydrate::HydrateOptions {
+            cache_dir: match args.cache_dir {
+                Some(d) => d,
+                None => crate::cache::default_dir()?,
+            },
+            cache_limit: args.cache_size,
+            concurrency: args.concurrency,
+            progress: out.progress,
+            force: args.force,
+        };
+        let r = crate::hydrate::hydrate(client, &args.target.workspace, args.target.version, &args.dir, opts).await?;
+        return out.json_or(&r, |w| {
+            let s = &r.sources;
+            let verb = match r.mode {
+                "unchanged" => "already at",
+                "switch" => "switched to",
+                _ => "pulled",
+            };
+            writeln!(
+                w,
+                "{verb} {}@{} in {}: {}, {}, {}, {} in {:.2}s (manifest {}, cache {}, blob store {}{})",
+                r.workspace,
+                r.version,
+                r.dir.display(),
+                plural(r.files, "file", "files"),
+                plural(r.symlinks, "symlink", "symlinks"),
+                plural(r.dirs, "dir", "dirs"),
+                human_bytes(r.bytes),
+                r.elapsed_secs,
+                human_bytes(s.manifest.transfer_bytes),
+                plural(s.cache.files, "file", "files"),
+                plural(s.s3.files, "file", "files"),
+                if r.removed > 0 { format!("; {} removed", r.removed) } else { String::new() },
+            )
+        });
+    }
     let opts = PullOptions { concurrency: args.concurrency, progress: out.progress };
     let r = pull(client, &args.target.workspace, args.target.version, &args.dir, opts).await?;
     out.json_or(&r, |w| {

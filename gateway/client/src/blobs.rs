@@ -26,7 +26,7 @@ use crate::client::send;
 use crate::error::{Error, MarkedWriter, Result};
 
 /// Buffer size for streaming a file up or a blob down.
-const STREAM_BUF: usize = 256 * 1024;
+pub(crate) const STREAM_BUF: usize = 256 * 1024;
 
 /// The most bytes a stored blob of `content_len` content bytes can take: the 16-byte header plus
 /// the content, or a zstd frame of it (zstd's worst case is `n + n/256 + 64`).
@@ -196,7 +196,7 @@ impl Client {
 }
 
 /// Sets its flag when dropped.
-struct CancelOnDrop(Arc<AtomicBool>);
+pub(crate) struct CancelOnDrop(pub(crate) Arc<AtomicBool>);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
@@ -205,9 +205,9 @@ impl Drop for CancelOnDrop {
 }
 
 /// A reader that fails once its flag is set.
-struct CancellableRead<R> {
-    inner: R,
-    cancelled: Arc<AtomicBool>,
+pub(crate) struct CancellableRead<R> {
+    pub(crate) inner: R,
+    pub(crate) cancelled: Arc<AtomicBool>,
 }
 
 impl<R: Read> Read for CancellableRead<R> {

@@ -29,6 +29,14 @@ pub enum Error {
         #[source]
         source: BlobError,
     },
+    /// A downloaded manifest.sqlite failed verification (length or BLAKE3 of the file, or the
+    /// frame), or it was not the manifest asked for.
+    #[error("manifest of {what} refused")]
+    CorruptManifest {
+        what: String,
+        #[source]
+        source: podfs_manifest::Error,
+    },
     /// A presigned URL was refused (400, 401 or 403 from the object store): usually it expired.
     /// Fetch fresh locations and try again.
     #[error("presigned URL for blob {hash} was refused (HTTP {}, {message}); fetch fresh locations", status.as_u16())]
@@ -53,7 +61,7 @@ impl Error {
                         && *status != StatusCode::NOT_IMPLEMENTED
                         && *status != StatusCode::HTTP_VERSION_NOT_SUPPORTED)
             }
-            Error::Corrupt { .. } => true,
+            Error::Corrupt { .. } | Error::CorruptManifest { .. } => true,
             Error::Decode { .. } | Error::LocationExpired { .. } | Error::InvalidUrl { .. } | Error::Io(_) => false,
         }
     }

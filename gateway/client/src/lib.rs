@@ -8,7 +8,8 @@
 //!   policy); a commit is not resent once it reached the gateway;
 //! - verifies every downloaded blob (length and BLAKE3) before handing out its content, in
 //!   memory for small blobs ([`Client::fetch_blob`]) or streamed into a writer for large ones
-//!   ([`Client::fetch_blob_to`]).
+//!   ([`Client::fetch_blob_to`]), and every manifest.sqlite against the hash the gateway states
+//!   ([`Client::download_manifest`]).
 //!
 //! What it does not do: walk or write local trees (that is `podfs-syncd`), or decide what to
 //! upload.
@@ -20,6 +21,7 @@
 mod blobs;
 mod client;
 mod error;
+mod manifests;
 pub mod retry;
 mod versions;
 mod workspaces;
@@ -27,6 +29,7 @@ mod workspaces;
 pub use blobs::max_stored_len;
 pub use client::{CONNECT_TIMEOUT, Client, DEFAULT_GATEWAY, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_HOST, READ_TIMEOUT};
 pub use error::{Error, Result};
+pub use manifests::ManifestDownload;
 pub use podfs_protocol as protocol;
 pub use reqwest::StatusCode;
 pub use retry::RetryPolicy;

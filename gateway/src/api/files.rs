@@ -100,11 +100,11 @@ pub async fn get_file(
     Ok((status, common, Body::from_stream(content.stream_range(start, end))).into_response())
 }
 
-fn header_value(s: &str) -> Result<HeaderValue> {
+pub(super) fn header_value(s: &str) -> Result<HeaderValue> {
     HeaderValue::from_str(s).map_err(|e| Error::Internal(format!("header value {s:?}: {e}")))
 }
 
-fn etag_matches(if_none_match: &str, etag: &str) -> bool {
+pub(super) fn etag_matches(if_none_match: &str, etag: &str) -> bool {
     if_none_match.split(',').map(str::trim).any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag))
 }
 

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod blobs;
 pub mod files;
 pub mod json;
+pub mod manifests;
 pub mod system;
 pub mod tree;
 pub mod versions;
@@ -63,6 +64,7 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(versions::list, versions::commit))
         .routes(routes!(versions::get))
         .routes(routes!(tree::manifest))
+        .routes(routes!(manifests::get_manifest))
         .routes(routes!(tree::list_dir))
         .routes(routes!(tree::diff))
         .routes(routes!(tree::history))

@@ -6,7 +6,8 @@
 //! `migrations/sqlite` (chosen by URL scheme); commits a version as one transaction that
 //! compare-and-sets the workspace head and enforces the closed-tree rules (`commit.rs`); reads
 //! the tree, a directory, a diff or a path's history as of any version (`tree.rs`); records
-//! verified blobs (`blobs.rs`); creates and looks up tokens (`tokens.rs`).
+//! verified blobs (`blobs.rs`); records built manifests and build claims (`manifests.rs`);
+//! creates and looks up tokens (`tokens.rs`).
 //!
 //! What it does not do: validate workspace names or path syntax (callers hold `WsPath` and
 //! check names with `valid_workspace_name`), move or verify blob bytes (the blob store does),
@@ -20,6 +21,7 @@
 
 mod blobs;
 mod commit;
+mod manifests;
 mod sql;
 mod tokens;
 mod tree;
@@ -32,6 +34,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::{AnyPool, Executor};
 
+pub use manifests::ManifestRow;
 pub use podfs_protocol::api::{DiffEntry, DiffKind, PathRevision, Right, VersionInfo, Workspace};
 pub use podfs_protocol::{Change, ContentHash, Entry, VersionRef, WsPath};
 

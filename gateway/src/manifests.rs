@@ -1,0 +1,414 @@
+//! Building and storing manifest.sqlite files (see `docs/manifest-format.md`).
+//!
+//! Cost follows the change, not the workspace:
+//! - A commit never builds anything. A version's manifest is built the first time it is asked
+//!   for, once: concurrent requests in this process wait on one build (a per-version lock),
+//!   and gateway replicas coordinate through a claim row in `manifest_builds` (the others poll
+//!   for the result; a claim older than [`BUILD_LEASE`] is taken over).
+//! - A build starts from the newest earlier manifest when there is one and the diff to it is
+//!   small: it decompresses that file, applies the diff and fetches only the changed small
+//!   files from the blob store. Otherwise (first build, or a diff touching more than half of
+//!   the entries) it builds from the tree and every small file.
+//! - A client that already holds version N asks for a *delta* (`?since=N`): built on the fly
+//!   from the diff, never stored, O(changes) to build and to move.
+//!
+//! Stored at `manifests/<2 hex>/<hash>.sqlite.zst` (content-addressed: two replicas that both
+//! finish store the same name). Reads of the stored frame are verified as they stream
+//! ([`verified_stream`]); clients verify the decompressed file against the stated hash.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+use podfs_manifest::transfer::{self, Compressed};
+use podfs_manifest::{Header, Kind, Writer};
+use podfs_protocol::{ContentHash, Entry, EntryKind};
+use tokio::sync::mpsc;
+
+use crate::error::Error;
+use crate::meta::{DiffKind, ManifestRow, MetaStore, WorkspaceRow};
+use crate::store::{BlobService, ByteStream, Content};
+
+/// How long a replica's claim on a build holds before another replica may take it over.
+pub const BUILD_LEASE: Duration = Duration::from_secs(120);
+/// How often a replica waiting on another's build looks for the result.
+const POLL: Duration = Duration::from_millis(200);
+/// Small-file reads from the blob store in flight during a build.
+const FETCH_CONCURRENCY: usize = 32;
+/// Messages queued for the SQLite writer thread (each at most one small file).
+const WRITER_QUEUE: usize = 64;
+
+/// The store key of a manifest whose SQLite file hashes to `hash`.
+pub fn key(hash: &ContentHash) -> String {
+    let hex = hash.to_hex();
+    format!("manifests/{}/{hex}.sqlite.zst", &hex[..2])
+}
+
+#[derive(Clone)]
+pub struct ManifestService {
+    meta: MetaStore,
+    blobs: BlobService,
+    spool: PathBuf,
+    small_file_limit: u64,
+    /// Identifies this process in `manifest_builds`.
+    owner: String,
+    building: Arc<Mutex<HashMap<(i64, u64), Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+/// A delta manifest ready to send: its file (unlinked when dropped) and figures.
+pub struct Delta {
+    pub file: std::fs::File,
+    pub compressed: Compressed,
+    _dir: tempfile::TempDir,
+}
+
+/// What the writer thread is told.
+enum Msg {
+    Entry(Entry),
+    Delete(String),
+    Replaced(Entry),
+    Blob(ContentHash, Bytes),
+}
+
+impl ManifestService {
+    pub fn new(meta: MetaStore, blobs: BlobService, spool: PathBuf, small_file_limit: u64) -> Self {
+        let owner = format!("{}-{}", std::process::id(), hex::encode(rand::random::<[u8; 8]>()));
+        // small files are read into memory; the blob service spools anything larger
+        let small_file_limit = small_file_limit.min(crate::store::blobs::MEMORY_LIMIT);
+        Self { meta, blobs, spool, small_file_limit, owner, building: Arc::default() }
+    }
+
+    /// The manifest of version `v`, built first if it does not exist yet.
+    pub async fn get_or_build(&self, ws: &WorkspaceRow, v: u64) -> Result<ManifestRow, Error> {
+        if let Some(m) = self.meta.manifest(ws.id, v).await? {
+            return Ok(m);
+        }
+        let lock = {
+            let mut map = self.building.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(map.entry((ws.id, v)).or_default())
+        };
+        let result = {
+            let _held = lock.lock().await;
+            self.build_once(ws, v).await
+        };
+        let mut map = self.building.lock().unwrap_or_else(|e| e.into_inner());
+        if Arc::strong_count(&lock) <= 2 {
+            map.remove(&(ws.id, v));
+        }
+        result
+    }
+
+    /// Under this process's lock: look again, then claim across replicas and build, or wait
+    /// for the replica that holds the claim.
+    async fn build_once(&self, ws: &WorkspaceRow, v: u64) -> Result<ManifestRow, Error> {
+        let lease_ms = BUILD_LEASE.as_millis() as i64;
+        let deadline = Instant::now() + BUILD_LEASE + Duration::from_secs(30);
+        loop {
+            if let Some(m) = self.meta.manifest(ws.id, v).await? {
+                return Ok(m);
+            }
+            if self.meta.claim_manifest_build(ws.id, v, &self.owner, lease_ms).await? {
+                let built = self.build(ws, v).await;
+                // a failed release leaves a claim that expires with its lease
+                let _ = self.meta.release_manifest_build(ws.id, v, &self.owner).await;
+                return built;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Unavailable(format!(
+                    "another gateway has been building the manifest of {}@{v} for too long; retry",
+                    ws.info.name
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn build(&self, ws: &WorkspaceRow, v: u64) -> Result<ManifestRow, Error> {
+        let started = Instant::now();
+        let header = Header {
+            workspace: ws.info.name.clone(),
+            version: v,
+            kind: Kind::Full,
+            small_file_limit: self.small_file_limit,
+        };
+        let dir =
+            tempfile::tempdir_in(&self.spool).map_err(|e| Error::Internal(format!("manifest scratch dir: {e}")))?;
+        let path = dir.path().join("manifest.sqlite");
+        let base = match self.meta.manifest_before(ws.id, v).await? {
+            Some(b) if b.small_file_limit == self.small_file_limit => {
+                let diff = self.meta.diff(ws.id, b.version, v).await?;
+                (diff.len() as u64 * 2 <= b.entries).then_some((b, diff))
+            }
+            _ => None,
+        };
+        let base_version = base.as_ref().map(|(b, _)| b.version);
+        let (writer, tx) = match base {
+            Some((b, diff)) => {
+                let frame = dir.path().join("base.sqlite.zst");
+                self.download(&b, &frame).await?;
+                let (path, header) = (path.clone(), header.clone());
+                let (b_hash, b_size) = (b.hash, b.size);
+                let (tx, writer) = spawn_writer(false, move || {
+                    let src = std::io::BufReader::new(std::fs::File::open(&frame)?);
+                    let out = std::io::BufWriter::new(std::fs::File::create(&path)?);
+                    transfer::decompress_verified(src, &b_hash, b_size, out)?;
+                    std::fs::remove_file(&frame)?;
+                    Writer::modify(&path, &header)
+                });
+                self.feed(tx.clone(), futures::stream::iter(ops_of(diff, false))).await?;
+                (writer, tx)
+            }
+            None => {
+                let (path, header) = (path.clone(), header.clone());
+                let (tx, writer) = spawn_writer(false, move || Writer::create(&path, &header));
+                let tree = self.meta.tree(ws.id, v).map_ok(Op::Put).map_err(Error::from);
+                self.feed(tx.clone(), tree).await?;
+                (writer, tx)
+            }
+        };
+        drop(tx);
+        let frame = dir.path().join("manifest.sqlite.zst");
+        let frame_out = frame.clone();
+        let (compressed, entries, blobs) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+            let (entries, blobs) = writer.join()?;
+            let out = std::io::BufWriter::new(std::fs::File::create(&frame_out).map_err(manifest_io)?);
+            let c = transfer::compress(&path, out).map_err(manifest_err)?;
+            Ok((c, entries, blobs))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("manifest task failed: {e}")))??;
+        self.blobs.backend().put_file(&key(&compressed.hash), &frame).await?;
+        let row = ManifestRow {
+            version: v,
+            hash: compressed.hash,
+            size: compressed.size,
+            stored_hash: compressed.stored_hash,
+            stored_size: compressed.stored_size,
+            entries,
+            blobs,
+            base_version,
+            small_file_limit: self.small_file_limit,
+            build_ms: started.elapsed().as_millis() as u64,
+        };
+        let row = self.meta.record_manifest(ws.id, &row).await?;
+        let kind = if base_version.is_some() { "derived" } else { "full" };
+        metrics::counter!("podfs_manifest_builds_total", "kind" => kind).increment(1);
+        metrics::histogram!("podfs_manifest_build_seconds", "kind" => kind).record(started.elapsed().as_secs_f64());
+        tracing::info!(workspace = %ws.info.name, version = v, kind, base = ?base_version, entries, blobs,
+            bytes = compressed.size, stored = compressed.stored_size, ms = row.build_ms, "manifest built");
+        Ok(row)
+    }
+
+    /// The changes from `since` to `v` as a delta manifest (not stored).
+    pub async fn delta(&self, ws: &WorkspaceRow, since: u64, v: u64) -> Result<Delta, Error> {
+        let diff = self.meta.diff(ws.id, since, v).await?;
+        let header = Header {
+            workspace: ws.info.name.clone(),
+            version: v,
+            kind: Kind::Delta { base: since },
+            small_file_limit: self.small_file_limit,
+        };
+        let dir =
+            tempfile::tempdir_in(&self.spool).map_err(|e| Error::Internal(format!("manifest scratch dir: {e}")))?;
+        let path = dir.path().join("delta.sqlite");
+        let (tx, writer) = {
+            let path = path.clone();
+            spawn_writer(true, move || Writer::create(&path, &header))
+        };
+        self.feed(tx.clone(), futures::stream::iter(ops_of(diff, true))).await?;
+        drop(tx);
+        let frame = dir.path().join("delta.sqlite.zst");
+        let frame_out = frame.clone();
+        let compressed = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+            writer.join()?;
+            let out = std::io::BufWriter::new(std::fs::File::create(&frame_out).map_err(manifest_io)?);
+            transfer::compress(&path, out).map_err(manifest_err)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("manifest task failed: {e}")))??;
+        let file = std::fs::File::open(&frame).map_err(manifest_io)?;
+        Ok(Delta { file, compressed, _dir: dir })
+    }
+
+    /// Sends entries and deletions to the writer, and the bytes of every small file among the
+    /// entries (each distinct content once, fetched verified, in order, some at a time).
+    async fn feed<S>(&self, tx: mpsc::Sender<Msg>, ops: S) -> Result<(), Error>
+    where
+        S: Stream<Item = Result<Op, Error>> + Send,
+    {
+        let limit = self.small_file_limit;
+        let mut seen = std::collections::HashSet::new();
+        let fetches = ops
+            .then(|op| {
+                let tx = tx.clone();
+                async move {
+                    let op = op?;
+                    let small = match &op {
+                        Op::Put(e) if e.kind != EntryKind::Dir && e.size <= limit => e.hash.map(|h| (h, e.size)),
+                        _ => None,
+                    };
+                    let msg = match op {
+                        Op::Put(e) => Msg::Entry(e),
+                        Op::Delete(p) => Msg::Delete(p),
+                        Op::Replaced(e) => Msg::Replaced(e),
+                    };
+                    tx.send(msg).await.map_err(|_| writer_gone())?;
+                    Ok::<_, Error>(small)
+                }
+            })
+            .try_filter_map(|small| futures::future::ready(Ok(small.filter(|(h, _)| seen.insert(*h)))))
+            .map_ok(|(hash, size)| {
+                let blobs = self.blobs.clone();
+                async move {
+                    match blobs.read(&hash, size).await? {
+                        Content::Memory(b) => Ok((hash, b)),
+                        Content::File { .. } => Err(Error::Internal(format!("small blob {hash} was spooled"))),
+                    }
+                }
+            })
+            .try_buffered(FETCH_CONCURRENCY);
+        futures::pin_mut!(fetches);
+        while let Some((hash, bytes)) = fetches.try_next().await? {
+            tx.send(Msg::Blob(hash, bytes)).await.map_err(|_| writer_gone())?;
+        }
+        Ok(())
+    }
+
+    /// Downloads the stored frame of `m` into `to`, verified as it arrives.
+    async fn download(&self, m: &ManifestRow, to: &Path) -> Result<(), Error> {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = self.stored(m).await?;
+        let mut file = tokio::fs::File::create(to).await.map_err(manifest_io)?;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| Error::Unavailable(format!("reading manifest {}: {e}", m.hash)))?;
+            file.write_all(&chunk).await.map_err(manifest_io)?;
+        }
+        file.flush().await.map_err(manifest_io)?;
+        Ok(())
+    }
+
+    /// The stored frame of `m`, streamed and checked against its recorded hash and length; a
+    /// mismatch ends the stream with an error (a client sees a broken transfer, never a
+    /// complete wrong file).
+    pub async fn stored(&self, m: &ManifestRow) -> Result<ByteStream, Error> {
+        let stream = self.blobs.backend().get(&key(&m.hash)).await.map_err(|e| match e {
+            crate::store::StoreError::NotFound(_) => {
+                Error::Corrupt(format!("manifest {} is recorded but missing from the blob store", m.hash))
+            }
+            other => other.into(),
+        })?;
+        Ok(verified_stream(stream, m.stored_hash, m.stored_size))
+    }
+}
+
+/// A diff as writer operations; `with_old` adds what each changed path held before (deltas).
+fn ops_of(diff: Vec<crate::meta::DiffEntry>, with_old: bool) -> Vec<Result<Op, Error>> {
+    let mut ops = Vec::with_capacity(diff.len());
+    for d in diff {
+        if with_old && let Some(old) = d.old {
+            ops.push(Ok(Op::Replaced(old)));
+        }
+        ops.push(Ok(match (d.change, d.new) {
+            (DiffKind::Deleted, _) | (_, None) => Op::Delete(d.path),
+            (_, Some(e)) => Op::Put(e),
+        }));
+    }
+    ops
+}
+
+/// An entry to put, or a path to delete.
+enum Op {
+    Put(Entry),
+    Delete(String),
+    Replaced(Entry),
+}
+
+/// The SQLite side of a build: a thread owning the [`Writer`], fed through a bounded channel.
+struct WriterThread(std::thread::JoinHandle<Result<(u64, u64), Error>>);
+
+impl WriterThread {
+    /// Waits for the writer; (entries, blobs) of the finished file.
+    fn join(self) -> Result<(u64, u64), Error> {
+        self.0.join().map_err(|_| Error::Internal("manifest writer panicked".into()))?
+    }
+}
+
+/// `record_deletes`: list deleted paths in the `deleted` table (a delta); a full manifest
+/// only drops their entries.
+fn spawn_writer(
+    record_deletes: bool,
+    open: impl FnOnce() -> podfs_manifest::Result<Writer> + Send + 'static,
+) -> (mpsc::Sender<Msg>, WriterThread) {
+    let (tx, mut rx) = mpsc::channel::<Msg>(WRITER_QUEUE);
+    let handle = std::thread::spawn(move || -> Result<(u64, u64), Error> {
+        let mut w = open().map_err(manifest_err)?;
+        while let Some(msg) = rx.blocking_recv() {
+            match msg {
+                Msg::Entry(e) => w.put_entry(&e),
+                Msg::Delete(p) => w.delete_entry(&p, record_deletes),
+                Msg::Blob(h, b) => w.put_blob(&h, &b),
+                Msg::Replaced(e) => w.put_replaced(&e),
+            }
+            .map_err(manifest_err)?;
+        }
+        w.drop_unreferenced_blobs().map_err(manifest_err)?;
+        let counts = w.counts().map_err(manifest_err)?;
+        w.finish().map_err(manifest_err)?;
+        Ok(counts)
+    });
+    (tx, WriterThread(handle))
+}
+
+fn writer_gone() -> Error {
+    Error::Internal("the manifest writer stopped early".into())
+}
+
+fn manifest_err(e: podfs_manifest::Error) -> Error {
+    match e {
+        podfs_manifest::Error::FileMismatch { .. } | podfs_manifest::Error::SizeMismatch { .. } => {
+            Error::Corrupt(format!("a stored manifest failed verification: {e}"))
+        }
+        e => Error::Internal(format!("building a manifest: {e}")),
+    }
+}
+
+fn manifest_io(e: std::io::Error) -> Error {
+    Error::Internal(format!("manifest scratch file: {e}"))
+}
+
+/// `stream`, hashed as it passes; ends with an error unless it was exactly `len` bytes that
+/// hash to `hash`.
+pub fn verified_stream(stream: ByteStream, hash: ContentHash, len: u64) -> ByteStream {
+    let state = (stream, blake3::Hasher::new(), 0u64, false);
+    Box::pin(futures::stream::unfold(state, move |(mut s, mut hasher, mut n, done)| async move {
+        if done {
+            return None;
+        }
+        match s.next().await {
+            Some(Ok(chunk)) => {
+                hasher.update(&chunk);
+                n += chunk.len() as u64;
+                if n > len {
+                    let e = std::io::Error::other(format!("stored manifest {hash} is longer than recorded"));
+                    return Some((Err(e), (s, hasher, n, true)));
+                }
+                Some((Ok(chunk), (s, hasher, n, false)))
+            }
+            Some(Err(e)) => Some((Err(e), (s, hasher, n, true))),
+            None => {
+                let actual = ContentHash::from(hasher.finalize());
+                if n == len && actual == hash {
+                    None
+                } else {
+                    metrics::counter!("podfs_blob_hash_mismatch_total").increment(1);
+                    tracing::error!(%hash, %actual, n, len, "stored manifest frame failed verification");
+                    let e = std::io::Error::other(format!("stored manifest frame {hash} failed verification"));
+                    Some((Err(e), (s, hasher, n, true)))
+                }
+            }
+        }
+    }))
+}
