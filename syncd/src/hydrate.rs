@@ -879,7 +879,10 @@ enum LocalKind {
 fn local_state(root: &Dir, path: &WsPath) -> anyhow::Result<Option<LocalKind>> {
     let meta = match root.symlink_metadata(path.as_str()) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        // absent, or a parent is not a directory (yet)
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+            return Ok(None);
+        }
         Err(e) => return Err(e).with_context(|| format!("cannot read {path}")),
     };
     let ft = meta.file_type();

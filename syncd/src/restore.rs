@@ -82,7 +82,8 @@ impl TempFile {
     pub fn create(root: &Arc<Dir>, target: &WsPath) -> anyhow::Result<(Self, File)> {
         let temp = temp_path_for(target);
         let mut opts = OpenOptions::new();
-        opts.write(true).create_new(true);
+        // readable too: a cache copy is verified by reading it back
+        opts.read(true).write(true).create_new(true);
         let file =
             root.open_with(&temp, &opts).with_context(|| format!("cannot create a temporary file for {target}"))?;
         Ok((Self { root: Arc::clone(root), temp, target: target.clone(), done: false }, file))
