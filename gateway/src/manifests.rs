@@ -47,6 +47,9 @@ pub fn key(hash: &ContentHash) -> String {
     format!("manifests/{}/{hex}.sqlite.zst", &hex[..2])
 }
 
+/// Held while this process builds one version's manifest.
+type BuildLock = Arc<tokio::sync::Mutex<()>>;
+
 #[derive(Clone)]
 pub struct ManifestService {
     meta: MetaStore,
@@ -55,7 +58,7 @@ pub struct ManifestService {
     small_file_limit: u64,
     /// Identifies this process in `manifest_builds`.
     owner: String,
-    building: Arc<Mutex<HashMap<(i64, u64), Arc<tokio::sync::Mutex<()>>>>>,
+    building: Arc<Mutex<HashMap<(i64, u64), BuildLock>>>,
 }
 
 /// A delta manifest ready to send: its file (unlinked when dropped) and figures.
