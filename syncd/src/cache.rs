@@ -117,6 +117,11 @@ pub struct ContentCache {
     inner: Arc<Inner>,
 }
 
+const _: fn() = || {
+    fn shareable<T: Clone + Send + Sync>() {}
+    shareable::<ContentCache>();
+};
+
 struct Inner {
     dir: PathBuf,
     limit: u64,
@@ -239,7 +244,8 @@ impl ContentCache {
     /// the pack's path in the cache.
     pub fn add_pack(&self, path: &Path, file_hash: &ContentHash) -> anyhow::Result<PathBuf> {
         let dest = self.pack_path(file_hash);
-        if self.listed(PACK, file_hash)? && dest.exists() {
+        let present = self.listed(PACK, file_hash)? && dest.exists();
+        if present {
             fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
         } else {
             self.move_in(path, &dest)?;
@@ -247,7 +253,9 @@ impl ContentCache {
         let size = fs::metadata(&dest)?.len();
         let indexed = index_pack(&mut self.index(), &dest, file_hash, size);
         if let Err(e) = indexed {
-            let _ = fs::remove_file(&dest);
+            if !present {
+                let _ = fs::remove_file(&dest); // no file without its rows
+            }
             return Err(e).with_context(|| format!("indexing the pack {}", dest.display()));
         }
         Ok(dest)
