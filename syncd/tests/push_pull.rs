@@ -268,8 +268,9 @@ async fn the_whole_cli_runs_in_process() {
     assert_eq!(v["up_to_date"], true);
     assert_eq!(v["version"], 1);
 
+    // the fake gateway speaks the Phase 1 API only (manifest pulls are tested in testnet)
     let dst = tmp.path().join("dst");
-    let (code, out) = run(args(&["--json", "pull", "demo@1", dst.to_str().unwrap()])).await;
+    let (code, out) = run(args(&["--json", "pull", "--per-file", "demo@1", dst.to_str().unwrap()])).await;
     assert_eq!(code, std::process::ExitCode::SUCCESS);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!((v["version"].as_u64(), v["files"].as_u64()), (Some(1), Some(1)));
@@ -279,7 +280,7 @@ async fn the_whole_cli_runs_in_process() {
     assert_eq!(code, std::process::ExitCode::SUCCESS);
     assert!(out.starts_with("1  2026-01-01T00:00:00Z  test  0 changes"), "{out}");
 
-    let (code, out) = run(args(&["pull", "demo@head", dst.to_str().unwrap()])).await;
+    let (code, out) = run(args(&["pull", "--per-file", "demo@head", dst.to_str().unwrap()])).await;
     assert_eq!(code, std::process::ExitCode::FAILURE);
     assert!(out.is_empty());
 }
