@@ -174,15 +174,7 @@ impl ManifestService {
         };
         drop(tx);
         let frame = dir.path().join("manifest.sqlite.zst");
-        let frame_out = frame.clone();
-        let (compressed, entries, blobs) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
-            let (entries, blobs) = writer.join()?;
-            let out = std::io::BufWriter::new(std::fs::File::create(&frame_out).map_err(manifest_io)?);
-            let c = transfer::compress(&path, out).map_err(manifest_err)?;
-            Ok((c, entries, blobs))
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("manifest task failed: {e}")))??;
+        let (compressed, (entries, blobs)) = writer.compress(path, frame.clone()).await?;
         self.blobs.backend().put_file(&key(&compressed.hash), &frame).await?;
         let row = ManifestRow {
             version: v,
@@ -224,14 +216,7 @@ impl ManifestService {
         self.feed(tx.clone(), futures::stream::iter(ops_of(diff, true))).await?;
         drop(tx);
         let frame = dir.path().join("delta.sqlite.zst");
-        let frame_out = frame.clone();
-        let compressed = tokio::task::spawn_blocking(move || -> Result<_, Error> {
-            writer.join()?;
-            let out = std::io::BufWriter::new(std::fs::File::create(&frame_out).map_err(manifest_io)?);
-            transfer::compress(&path, out).map_err(manifest_err)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("manifest task failed: {e}")))??;
+        let (compressed, _) = writer.compress(path, frame.clone()).await?;
         let file = std::fs::File::open(&frame).map_err(manifest_io)?;
         Ok(Delta { file, compressed, _dir: dir })
     }
@@ -333,9 +318,16 @@ enum Op {
 struct WriterThread(std::thread::JoinHandle<Result<(u64, u64), Error>>);
 
 impl WriterThread {
-    /// Waits for the writer; (entries, blobs) of the finished file.
-    fn join(self) -> Result<(u64, u64), Error> {
-        self.0.join().map_err(|_| Error::Internal("manifest writer panicked".into()))?
+    /// Waits for the writer to finish the SQLite file at `path` (all senders dropped), then
+    /// compresses it into `frame`. Returns the figures and (entries, blobs) of the file.
+    async fn compress(self, path: PathBuf, frame: PathBuf) -> Result<(Compressed, (u64, u64)), Error> {
+        tokio::task::spawn_blocking(move || -> Result<_, Error> {
+            let counts = self.0.join().map_err(|_| Error::Internal("manifest writer panicked".into()))??;
+            let out = std::io::BufWriter::new(std::fs::File::create(&frame).map_err(manifest_io)?);
+            Ok((transfer::compress(&path, out).map_err(manifest_err)?, counts))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("manifest task failed: {e}")))?
     }
 }
 

@@ -152,10 +152,12 @@ impl Writer {
 
     /// Adds or replaces the entry at `e.path`.
     pub fn put_entry(&mut self, e: &Entry) -> Result<()> {
-        let mut st = self.conn.prepare_cached(
-            "INSERT OR REPLACE INTO entries (path, kind, mode, size, hash) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
-        st.execute(params![
+        self.upsert("INSERT OR REPLACE INTO entries (path, kind, mode, size, hash) VALUES (?1, ?2, ?3, ?4, ?5)", e)
+    }
+
+    /// Runs `sql` (an upsert into `entries` or `replaced`, which share their columns) for `e`.
+    fn upsert(&self, sql: &str, e: &Entry) -> Result<()> {
+        self.conn.prepare_cached(sql)?.execute(params![
             e.path.as_str(),
             e.kind.as_str(),
             e.mode,
@@ -177,17 +179,7 @@ impl Writer {
     /// Records what `e.path` held at the base version (a delta), so that a client can check
     /// that the path it is about to change still holds what the base said.
     pub fn put_replaced(&mut self, e: &Entry) -> Result<()> {
-        let mut st = self.conn.prepare_cached(
-            "INSERT OR REPLACE INTO replaced (path, kind, mode, size, hash) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
-        st.execute(params![
-            e.path.as_str(),
-            e.kind.as_str(),
-            e.mode,
-            e.size as i64,
-            e.hash.as_ref().map(|h| h.as_bytes().as_slice())
-        ])?;
-        Ok(())
+        self.upsert("INSERT OR REPLACE INTO replaced (path, kind, mode, size, hash) VALUES (?1, ?2, ?3, ?4, ?5)", e)
     }
 
     /// Adds the bytes of `hash`; the caller has verified them. Adding twice is a no-op.

@@ -104,6 +104,38 @@ pub struct HydrateReport {
     pub sources: Sources,
 }
 
+impl HydrateReport {
+    fn new(ws: &str, version: u64, dir: &Path, mode: &'static str, from_version: Option<u64>) -> Self {
+        Self {
+            workspace: ws.to_string(),
+            version,
+            dir: dir.to_path_buf(),
+            mode,
+            from_version,
+            files: 0,
+            symlinks: 0,
+            dirs: 0,
+            bytes: 0,
+            removed: 0,
+            elapsed_secs: 0.0,
+            sources: Sources::default(),
+        }
+    }
+
+    /// Counts the files, symlinks and bytes a plan writes.
+    fn count(&mut self, local: &[Local], remote: &[Blob]) {
+        for e in local.iter().map(|l| &l.entry).chain(remote.iter().flat_map(|b| b.targets.iter())) {
+            match e.kind {
+                EntryKind::Symlink => self.symlinks += 1,
+                _ => {
+                    self.files += 1;
+                    self.bytes += e.size;
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct State {
     workspace: String,
@@ -196,47 +228,53 @@ fn plan(rows: Vec<(Entry, Option<i64>)>, cached: &HashSet<ContentHash>) -> Plan 
     p
 }
 
-/// The tree (validated) with the manifest BLOB of each path, and the manifest file when one
-/// was downloaded (`None`: the JSON tree was enough, the cache holds the small files).
+/// The tree (validated) with the manifest BLOB of each path, the manifest file when one was
+/// downloaded (`None`: the JSON tree was enough, the cache holds the small files), and which
+/// of the tree's contents the cache holds.
 async fn tree(
     client: &Client,
     ws: &str,
     version: VersionRef,
     cache: &ContentCache,
     sources: &mut Sources,
-) -> anyhow::Result<(u64, Vec<(Entry, Option<i64>)>, Option<Downloaded>)> {
+) -> anyhow::Result<(u64, Vec<(Entry, Option<i64>)>, Option<Downloaded>, HashSet<ContentHash>)> {
     let t = Instant::now();
     let cache_has = {
         let c = cache.clone();
         blocking(move || Ok(c.usage()?.units > 0)).await?
     };
-    if cache_has {
+    let found = if cache_has {
         let m =
             client.manifest(ws, version).await.with_context(|| format!("cannot read the tree of {ws}@{version}"))?;
+        sources.manifest.requests += 1;
         let v = m.version;
         let entries =
             manifest::validate_entries(m.entries).with_context(|| format!("refusing the tree of {ws}@{v}"))?;
-        let small: Vec<&Entry> = entries.iter().filter(|e| e.hash.is_some() && e.size <= SMALL).collect();
-        let hashes: Vec<ContentHash> = small.iter().filter_map(|e| e.hash).collect();
+        let hashes: Vec<ContentHash> = entries.iter().filter_map(|e| e.hash).collect();
         let c = cache.clone();
         let cached = blocking(move || c.contains(&hashes)).await?;
-        let missing: u64 = small.iter().filter(|e| e.hash.is_some_and(|h| !cached.contains(&h))).map(|e| e.size).sum();
-        let all: u64 = small.iter().map(|e| e.size).sum();
-        sources.manifest.requests += 1;
-        if missing * 4 <= all {
-            sources.manifest.secs += t.elapsed().as_secs_f64();
-            return Ok((v, entries.into_iter().map(|e| (e, None)).collect(), None));
+        let (mut missing, mut all) = (0u64, 0u64);
+        for e in entries.iter().filter(|e| e.size <= SMALL) {
+            let Some(h) = e.hash else { continue };
+            all += e.size;
+            if !cached.contains(&h) {
+                missing += e.size;
+            }
         }
-        // too much is missing: one manifest download beats many small ones
-        let d = download(client, ws, VersionRef::Number(v), None, cache, sources).await?;
-        let rows = d.rows()?;
-        sources.manifest.secs += t.elapsed().as_secs_f64();
-        return Ok((v, rows, Some(d)));
-    }
-    let d = download(client, ws, version, None, cache, sources).await?;
-    let rows = d.rows()?;
+        if missing * 4 <= all {
+            (v, entries.into_iter().map(|e| (e, None)).collect(), None, cached)
+        } else {
+            // too much is missing: one manifest download beats many small ones
+            let d = download(client, ws, VersionRef::Number(v), None, cache, sources).await?;
+            (v, d.rows()?, Some(d), cached)
+        }
+    } else {
+        // an empty cache holds nothing: no need to ask it
+        let d = download(client, ws, version, None, cache, sources).await?;
+        (d.version, d.rows()?, Some(d), HashSet::new())
+    };
     sources.manifest.secs += t.elapsed().as_secs_f64();
-    Ok((d.version, rows, Some(d)))
+    Ok(found)
 }
 
 /// A verified manifest file in the cache's scratch directory.
@@ -313,34 +351,11 @@ async fn fresh(
         blocking(move || open_fresh_root(&dir)).await?
     };
     let result = async {
-        let (v, rows, manifest) = tree(client, ws, version, cache, &mut sources).await?;
-        let hashes: Vec<ContentHash> = rows.iter().filter(|(_, id)| id.is_none()).filter_map(|(e, _)| e.hash).collect();
-        let c = cache.clone();
-        let cached = blocking(move || c.contains(&hashes)).await?;
+        let (v, rows, manifest, cached) = tree(client, ws, version, cache, &mut sources).await?;
         let plan = plan(rows, &cached);
-        let mut report = HydrateReport {
-            workspace: ws.to_string(),
-            version: v,
-            dir: dir.to_path_buf(),
-            mode: "fresh",
-            from_version: None,
-            files: 0,
-            symlinks: 0,
-            dirs: plan.dirs.len() as u64,
-            bytes: 0,
-            removed: 0,
-            elapsed_secs: 0.0,
-            sources: Sources::default(),
-        };
-        for e in plan.local.iter().map(|l| &l.entry).chain(plan.remote.iter().flat_map(|b| b.targets.iter())) {
-            match e.kind {
-                EntryKind::Symlink => report.symlinks += 1,
-                _ => {
-                    report.files += 1;
-                    report.bytes += e.size;
-                }
-            }
-        }
+        let mut report = HydrateReport::new(ws, v, dir, "fresh", None);
+        report.dirs = plan.dirs.len() as u64;
+        report.count(&plan.local, &plan.remote);
         let stage = Arc::new(root.open_dir(&stage_name).context("cannot open the staging directory")?);
         {
             let (stage, dirs) = (Arc::clone(&stage), plan.dirs.clone());
@@ -664,20 +679,7 @@ async fn switch(
         VersionRef::Number(n) => n,
         VersionRef::Head => client.workspace(ws).await.context("cannot read the workspace")?.head,
     };
-    let mut report = HydrateReport {
-        workspace: ws.to_string(),
-        version: target,
-        dir: dir.to_path_buf(),
-        mode: "unchanged",
-        from_version: Some(current),
-        files: 0,
-        symlinks: 0,
-        dirs: 0,
-        bytes: 0,
-        removed: 0,
-        elapsed_secs: 0.0,
-        sources: Sources::default(),
-    };
+    let mut report = HydrateReport::new(ws, target, dir, "unchanged", Some(current));
     if target == current {
         return Ok(report);
     }
@@ -796,20 +798,12 @@ async fn switch(
     };
     report.removed = removed;
     report.dirs = dirs.len() as u64;
-    for e in local.iter().map(|l| &l.entry).chain(remote.iter().flat_map(|b| b.targets.iter())) {
-        match e.kind {
-            EntryKind::Symlink => report.symlinks += 1,
-            _ => {
-                report.files += 1;
-                report.bytes += e.size;
-            }
-        }
-    }
+    report.count(&local, &remote);
     let used: Vec<ContentHash> =
         local.iter().filter_map(|l| l.entry.hash).chain(remote.iter().map(|b| b.hash)).collect();
     let total = report.bytes;
-    let atomic: Vec<Local> = local;
-    write_in_place(client, ws, &root, atomic, remote, &d, cache, opts, total, &mut sources).await?;
+    // DIR is live: every write goes through a temporary name
+    write_contents(client, ws, &root, (local, Some(&d), true), remote, cache, opts, total, &mut sources).await?;
     {
         let root = Arc::clone(&root);
         blocking(move || {
@@ -824,48 +818,6 @@ async fn switch(
     keep_in_cache(cache, None, used).await?;
     report.sources = sources;
     Ok(report)
-}
-
-/// Like [`write_contents`] but every write goes through a temporary name (DIR is live).
-#[allow(clippy::too_many_arguments)]
-async fn write_in_place(
-    client: &Client,
-    ws: &str,
-    root: &Arc<Dir>,
-    local: Vec<Local>,
-    remote: Vec<Blob>,
-    delta: &Downloaded,
-    cache: &ContentCache,
-    opts: &HydrateOptions,
-    total: u64,
-    sources: &mut Sources,
-) -> anyhow::Result<()> {
-    // small: bytes from the delta, written atomically; the rest as for a fresh pull
-    let (from_delta, rest): (Vec<Local>, Vec<Local>) =
-        local.into_iter().partition(|l| matches!(l.from, From::Manifest(_)));
-    let t = Instant::now();
-    let n = from_delta.len() as u64;
-    let bytes: u64 = from_delta.iter().map(|l| l.entry.size).sum();
-    {
-        let (root, path): (Arc<Dir>, PathBuf) = (Arc::clone(root), delta.path.to_path_buf());
-        blocking(move || {
-            let r = Reader::open(&path)?;
-            for l in &from_delta {
-                let (From::Manifest(id), Some(hash)) = (l.from, l.entry.hash) else { continue };
-                let data = r.blob(id, &hash, l.entry.size).with_context(|| format!("refusing {}", l.entry.path))?;
-                match l.entry.kind {
-                    EntryKind::Symlink => restore::write_symlink(&root, &l.entry.path, &data)?,
-                    _ => restore::write_file(&root, &l.entry.path, &data, l.entry.mode)?,
-                }
-            }
-            Ok(())
-        })
-        .await?;
-    }
-    sources.manifest.files += n;
-    sources.manifest.bytes += bytes;
-    sources.manifest.secs += t.elapsed().as_secs_f64();
-    write_contents(client, ws, root, (rest, None, true), remote, cache, opts, total, sources).await
 }
 
 /// What a path holds on disk, as far as a switch cares.

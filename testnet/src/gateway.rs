@@ -33,6 +33,18 @@ impl TestGateway {
         Self::start_owning(config, Some(dir)).await
     }
 
+    /// A gateway on a fresh PostgreSQL database and a fresh prefix of the S3 bucket (from
+    /// `scripts/dev-services up`); panics, never skips, when they are missing. Returns the
+    /// database (to clean up) and the store URL.
+    pub async fn on_fresh_services() -> (Self, crate::services::TestDb, String) {
+        let s = crate::services::Services::from_env()
+            .expect("PostgreSQL and S3 are required: run `eval \"$(scripts/dev-services up)\"` first");
+        let db = crate::services::fresh_database(&s.pg_admin_url).await.expect("fresh database");
+        let store = crate::services::fresh_s3_prefix(&s.s3.store_url);
+        let gw = Self::with_services(&db.url, &store).await.expect("gateway on PostgreSQL + S3");
+        (gw, db, store)
+    }
+
     /// Starts a gateway with `config` on a free loopback port.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         Self::start_owning(config, None).await

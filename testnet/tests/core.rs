@@ -22,15 +22,6 @@ fn services() -> Services {
     Services::from_env().expect("PostgreSQL and S3 are required: run `eval \"$(scripts/dev-services up)\"` first")
 }
 
-/// A gateway on a fresh PostgreSQL database and a fresh prefix of the Garage bucket.
-async fn real_gateway() -> (TestGateway, podfs_testnet::services::TestDb, String) {
-    let s = services();
-    let db = fresh_database(&s.pg_admin_url).await.expect("fresh database");
-    let store = fresh_s3_prefix(&s.s3.store_url);
-    let gw = TestGateway::with_services(&db.url, &store).await.expect("gateway on PostgreSQL + S3");
-    (gw, db, store)
-}
-
 async fn round_trip(gw: &TestGateway, spec: EdgeTree) {
     let client = gw.client();
     client.create_workspace("rt").await.expect("create workspace");
@@ -57,7 +48,7 @@ async fn round_trip_embedded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn round_trip_postgres_garage() {
-    let (gw, db, _) = real_gateway().await;
+    let (gw, db, _) = TestGateway::on_fresh_services().await;
     round_trip(&gw, FULL).await;
     gw.stop().await.expect("stop");
     db.cleanup().await;
@@ -65,7 +56,7 @@ async fn round_trip_postgres_garage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn versions_diff_and_stale_parent() {
-    let (gw, db, _) = real_gateway().await;
+    let (gw, db, _) = TestGateway::on_fresh_services().await;
     let client = gw.client();
     client.create_workspace("v").await.expect("create");
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -120,7 +111,7 @@ async fn versions_diff_and_stale_parent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn identical_content_is_stored_once_in_s3() {
-    let (gw, db, store) = real_gateway().await;
+    let (gw, db, store) = TestGateway::on_fresh_services().await;
     let client = gw.client();
     let tmp = tempfile::tempdir().expect("tempdir");
     let content = format!("shared content {}\n", rand::random::<u64>()).repeat(1000);
@@ -254,7 +245,7 @@ fn pg_host_port(url: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tampered_blob_in_s3_is_never_served() {
-    let (gw, db, store) = real_gateway().await;
+    let (gw, db, store) = TestGateway::on_fresh_services().await;
     let client = gw.client();
     client.create_workspace("t").await.expect("create");
     let tmp = tempfile::tempdir().expect("tempdir");

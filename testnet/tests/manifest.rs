@@ -14,7 +14,6 @@ use podfs_client::Client;
 use podfs_protocol::{ContentHash, VersionRef};
 use podfs_syncd::{HydrateOptions, HydrateReport, PushOptions, hydrate, push};
 use podfs_testnet::gateway::{ADMIN_TOKEN, TestGateway};
-use podfs_testnet::services::{Services, fresh_database, fresh_s3_prefix};
 use podfs_testnet::tree::{EdgeTree, assert_same_tree, make_edge_tree};
 
 const FULL: EdgeTree = EdgeTree { big_file_bytes: 50 << 20, small_files: 5000 };
@@ -28,14 +27,6 @@ fn opts(cache: &Path) -> HydrateOptions {
         progress: false,
         force: false,
     }
-}
-
-async fn real_gateway() -> (TestGateway, podfs_testnet::services::TestDb, String) {
-    let s = Services::from_env().expect("PostgreSQL and S3 are required: run `eval \"$(scripts/dev-services up)\"`");
-    let db = fresh_database(&s.pg_admin_url).await.expect("fresh database");
-    let store = fresh_s3_prefix(&s.s3.store_url);
-    let gw = TestGateway::with_services(&db.url, &store).await.expect("gateway on PostgreSQL + S3");
-    (gw, db, store)
 }
 
 async fn pull(client: &Client, ws: &str, v: u64, dir: &Path, cache: &Path) -> HydrateReport {
@@ -77,7 +68,7 @@ async fn manifest_round_trip_embedded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn manifest_round_trip_postgres_garage() {
-    let (gw, db, _) = real_gateway().await;
+    let (gw, db, _) = TestGateway::on_fresh_services().await;
     round_trip_and_reuse(&gw, FULL).await;
     gw.stop().await.expect("stop");
     db.cleanup().await;
@@ -86,7 +77,7 @@ async fn manifest_round_trip_postgres_garage() {
 /// The served manifest is SQLite in one zstd frame, with a stated hash, an ETag and 304.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn manifest_is_served_with_hash_and_etag() {
-    let (gw, db, _) = real_gateway().await;
+    let (gw, db, _) = TestGateway::on_fresh_services().await;
     let client = gw.client();
     let tmp = tempfile::tempdir().expect("tempdir");
     make_edge_tree(&tmp.path().join("src"), SMALL).expect("tree");
@@ -122,7 +113,7 @@ fn zstd_decode(frame: &[u8]) -> Vec<u8> {
 /// local edits refused unless forced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn switching_versions_in_place() {
-    let (gw, db, _) = real_gateway().await;
+    let (gw, db, _) = TestGateway::on_fresh_services().await;
     let client = gw.client();
     let tmp = tempfile::tempdir().expect("tempdir");
     let (src, v1) = (tmp.path().join("src"), tmp.path().join("v1"));
