@@ -21,9 +21,9 @@ pub const DEFAULT_MAX_BLOB_SIZE: u64 = 4 << 30;
 pub const DEFAULT_PRESIGN_TTL_SECS: u64 = 900;
 /// Largest JSON request body (a commit of ~300k changes).
 pub const DEFAULT_MAX_JSON_BODY: usize = 64 << 20;
-/// Name of the admin token file written by the embedded default.
 /// Files up to this size have their bytes inside a version's manifest.sqlite.
 pub const DEFAULT_MANIFEST_SMALL_FILE_LIMIT: u64 = podfs_manifest::DEFAULT_SMALL_FILE_LIMIT;
+/// Name of the admin token file written by the embedded default.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
 #[derive(Debug, Clone, Parser, Default)]
@@ -53,10 +53,10 @@ pub struct Args {
     /// Send the AWS SDK's default CRC checksums to S3 (some S3-compatible services reject them)
     #[arg(long, env = "PODFS_S3_CHECKSUMS")]
     pub s3_checksums: Option<bool>,
-    /// TOML file with any of the settings above (keys as the flags, with `_` for `-`)
-    /// Files up to this many bytes travel inside manifest.sqlite (default 128 KiB).
+    /// Files up to this many bytes travel inside manifest.sqlite [default: 128 KiB]
     #[arg(long, env = "PODFS_MANIFEST_SMALL_FILE_LIMIT")]
     pub manifest_small_file_limit: Option<u64>,
+    /// TOML file with any of the settings above (keys as the flags, with `_` for `-`)
     #[arg(long, env = "PODFS_CONFIG")]
     pub config: Option<PathBuf>,
 }

@@ -37,7 +37,7 @@ pub const BUILD_LEASE: Duration = Duration::from_secs(120);
 /// How often a replica waiting on another's build looks for the result.
 const POLL: Duration = Duration::from_millis(200);
 /// Small-file reads from the blob store in flight during a build.
-const FETCH_CONCURRENCY: usize = 32;
+const FETCH_CONCURRENCY: usize = 64;
 /// Messages queued for the SQLite writer thread (each at most one small file).
 const WRITER_QUEUE: usize = 64;
 
@@ -222,7 +222,7 @@ impl ManifestService {
     }
 
     /// Sends entries and deletions to the writer, and the bytes of every small file among the
-    /// entries (each distinct content once, fetched verified, in order, some at a time).
+    /// entries (each distinct content once, fetched verified, some at a time).
     async fn feed<S>(&self, tx: mpsc::Sender<Msg>, ops: S) -> Result<(), Error>
     where
         S: Stream<Item = Result<Op, Error>> + Send,
@@ -257,7 +257,7 @@ impl ManifestService {
                     }
                 }
             })
-            .try_buffered(FETCH_CONCURRENCY);
+            .try_buffer_unordered(FETCH_CONCURRENCY);
         futures::pin_mut!(fetches);
         while let Some((hash, bytes)) = fetches.try_next().await? {
             tx.send(Msg::Blob(hash, bytes)).await.map_err(|_| writer_gone())?;

@@ -9,15 +9,15 @@ use podfs_client::{Client, DEFAULT_GATEWAY};
 use podfs_protocol::VersionRef;
 use serde::Serialize;
 
-use crate::{cat, diff, history, log, pull, push, token, workspace};
+use crate::{cat, daemon, diff, history, log, pull, push, token, workspace};
 
 /// podfs: versioned workspaces shared between devpods.
 #[derive(Debug, Parser)]
 #[command(name = "podfs", version, about)]
 pub struct Cli {
-    /// Gateway URL.
-    #[arg(long, env = "PODFS_GATEWAY", default_value = DEFAULT_GATEWAY, global = true)]
-    pub gateway: String,
+    /// Gateway URL [default: http://127.0.0.1:7070]
+    #[arg(long, env = "PODFS_GATEWAY", global = true)]
+    pub gateway: Option<String>,
     /// Bearer token.
     #[arg(long, env = "PODFS_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
@@ -48,6 +48,10 @@ pub enum Command {
     Diff(diff::DiffArgs),
     /// List the revisions of one path.
     History(history::HistoryArgs),
+    /// Keep a directory in sync with a workspace: every save becomes a version.
+    Syncd(daemon::SyncdArgs),
+    /// Show the state of the syncd daemon of a directory.
+    Status(daemon::status::StatusArgs),
 }
 
 /// Where a command writes its result.
@@ -132,7 +136,11 @@ where
 
 /// Runs a parsed command.
 pub async fn execute(cli: Cli, stdout: &mut (dyn Write + Send)) -> anyhow::Result<()> {
-    let client = Client::new(&cli.gateway, cli.token.clone())?;
+    if let Command::Syncd(a) = cli.command {
+        return daemon::run(daemon::Settings::resolve(a, cli.gateway, cli.token)?).await;
+    }
+    let gateway = cli.gateway.as_deref().unwrap_or(DEFAULT_GATEWAY);
+    let client = Client::new(gateway, cli.token.clone())?;
     let mut out = Output { w: stdout, json: cli.json, progress: std::io::stderr().is_terminal() };
     match cli.command {
         Command::Workspace(c) => workspace::run(&client, c, &mut out).await,
@@ -143,6 +151,8 @@ pub async fn execute(cli: Cli, stdout: &mut (dyn Write + Send)) -> anyhow::Resul
         Command::Cat(a) => cat::run(&client, a, &mut out).await,
         Command::Diff(a) => diff::run(&client, a, &mut out).await,
         Command::History(a) => history::run(&client, a, &mut out).await,
+        Command::Status(a) => daemon::status::run(a, &mut out),
+        Command::Syncd(_) => unreachable!("handled above"),
     }
 }
 
@@ -169,7 +179,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let cli = Cli::try_parse_from(["podfs", "diff", "demo", "1", "head", "--gateway", "http://h:1"]).unwrap();
-        assert_eq!(cli.gateway, "http://h:1");
+        assert_eq!(cli.gateway.as_deref(), Some("http://h:1"));
         assert!(matches!(cli.command, Command::Diff(d) if d.from == VersionRef::Number(1) && d.to == VersionRef::Head));
         assert!(Cli::try_parse_from(["podfs", "pull", "demo@x", "/tmp/x"]).is_err());
         assert!(Cli::try_parse_from(["podfs", "token", "create", "demo", "--right", "admin"]).is_err());

@@ -61,6 +61,10 @@ pub struct HydrateOptions {
     pub progress: bool,
     /// Switch versions even over local edits (they are lost).
     pub force: bool,
+    /// Switch versions around local edits: a path edited locally keeps the local state (it is
+    /// listed in [`HydrateReport::kept_local`]); `force` is ignored. What syncd does when
+    /// another writer moved head.
+    pub keep_local: bool,
 }
 
 /// Time and bytes spent per source.
@@ -100,6 +104,9 @@ pub struct HydrateReport {
     pub bytes: u64,
     /// Paths removed (switch).
     pub removed: u64,
+    /// Paths left as they were because they hold local edits (switch with `keep_local`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kept_local: Vec<String>,
     pub elapsed_secs: f64,
     pub sources: Sources,
 }
@@ -117,6 +124,7 @@ impl HydrateReport {
             dirs: 0,
             bytes: 0,
             removed: 0,
+            kept_local: Vec::new(),
             elapsed_secs: 0.0,
             sources: Sources::default(),
         }
@@ -137,9 +145,9 @@ impl HydrateReport {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct State {
-    workspace: String,
-    version: u64,
+pub(crate) struct State {
+    pub(crate) workspace: String,
+    pub(crate) version: u64,
 }
 
 /// Records in `DIR/.podfs/state.json` that DIR holds `ws@version` (atomically).
@@ -153,7 +161,7 @@ pub fn write_state(dir: &Path, ws: &str, version: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_state(dir: &Path) -> anyhow::Result<Option<State>> {
+pub(crate) fn read_state(dir: &Path) -> anyhow::Result<Option<State>> {
     let path = dir.join(STATE_DIR).join(STATE_FILE);
     match std::fs::read(&path) {
         Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("{} is damaged", path.display()))?)),
@@ -498,6 +506,7 @@ async fn write_contents(
     };
     let t = Instant::now();
     let concurrency = opts.concurrency.max(1);
+    let wire_before = ctx.client.blob_bytes_received();
     let remote_result = pull::download_all(&ctx, remote, concurrency).await;
     let remote_secs = t.elapsed().as_secs_f64();
     let local = local_job.await.context("write task failed")??;
@@ -528,7 +537,7 @@ async fn write_contents(
     sources.cache.secs += local.cache_secs;
     sources.s3.files += ctx.stats.files.load(Ordering::Relaxed);
     sources.s3.bytes += ctx.stats.bytes.load(Ordering::Relaxed);
-    sources.s3.transfer_bytes += ctx.stats.bytes.load(Ordering::Relaxed);
+    sources.s3.transfer_bytes += ctx.client.blob_bytes_received() - wire_before;
     sources.s3.requests += ctx.stats.requests.load(Ordering::Relaxed);
     sources.s3.secs += remote_secs;
     Ok(())
@@ -666,7 +675,9 @@ struct Change {
     after: Option<Entry>,
 }
 
-async fn switch(
+/// Turns DIR, which holds `current` of `ws` plus maybe local edits, into `version`, touching
+/// only the paths that differ between the two.
+pub(crate) async fn switch(
     client: &Client,
     ws: &str,
     version: VersionRef,
@@ -728,6 +739,7 @@ async fn switch(
     );
 
     // every changed path must hold what `before` says (or already what `after` says)
+    let keep_local = opts.keep_local;
     let (todo, conflicts) = {
         let root = Arc::clone(&root);
         blocking(move || {
@@ -740,6 +752,9 @@ async fn switch(
                 }
                 if !matches(&now, c.before.as_ref()) {
                     conflicts.push(c.path.to_string());
+                    if keep_local {
+                        continue;
+                    }
                 }
                 todo.push(c);
             }
@@ -747,7 +762,9 @@ async fn switch(
         })
         .await?
     };
-    if !conflicts.is_empty() && !opts.force {
+    if keep_local {
+        report.kept_local = conflicts;
+    } else if !conflicts.is_empty() && !opts.force {
         let shown: Vec<&str> = conflicts.iter().take(10).map(String::as_str).collect();
         bail!(
             "{} holds local changes to {} path(s) that differ between versions {current} and {target}: {}{}; \
@@ -760,7 +777,7 @@ async fn switch(
     }
 
     // remove what must go (children first), then write in path order
-    let (local, remote, dirs, removed) = {
+    let (local, remote, dirs, removed, kept) = {
         let root = Arc::clone(&root);
         let cached: HashSet<ContentHash> = {
             let hashes: Vec<ContentHash> = todo.iter().filter_map(|c| c.after.as_ref()?.hash).collect();
@@ -769,12 +786,19 @@ async fn switch(
         };
         blocking(move || {
             let mut removed = 0;
+            let mut kept = Vec::new();
             for c in todo.iter().rev() {
                 let now = local_state(&root, &c.path)?;
                 let keep_dir = matches!((&now, &c.after), (Some(LocalKind::Dir), Some(a)) if a.kind == EntryKind::Dir);
                 if now.is_some() && !keep_dir {
-                    remove(&root, &c.path)?;
-                    removed += 1;
+                    match remove(&root, &c.path) {
+                        Ok(()) => removed += 1,
+                        // a directory that holds new local files stays, with them
+                        Err(_) if keep_local && now == Some(LocalKind::Dir) && c.after.is_none() => {
+                            kept.push(c.path.to_string());
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             }
             let mut dirs = Vec::new();
@@ -792,11 +816,12 @@ async fn switch(
                 }
             }
             let p = plan(rows, &cached);
-            Ok((p.local, p.remote, dirs, removed))
+            Ok((p.local, p.remote, dirs, removed, kept))
         })
         .await?
     };
     report.removed = removed;
+    report.kept_local.extend(kept);
     report.dirs = dirs.len() as u64;
     report.count(&local, &remote);
     let used: Vec<ContentHash> =

@@ -449,6 +449,7 @@ pub async fn run(client: &Client, args: PullArgs, out: &mut crate::cli::Output<'
             concurrency: args.concurrency,
             progress: out.progress,
             force: args.force,
+            keep_local: false,
         };
         let r = crate::hydrate::hydrate(client, &args.target.workspace, args.target.version, &args.dir, opts).await?;
         return out.json_or(&r, |w| {

@@ -162,7 +162,7 @@ async fn remote_tree(client: &Client, ws: &str, head: u64) -> anyhow::Result<Vec
 }
 
 /// Uploads the `missing` blobs; returns how many and their content bytes.
-async fn upload(
+pub(crate) async fn upload(
     client: &Client,
     ws: &str,
     tree: &LocalTree,

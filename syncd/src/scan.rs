@@ -1,8 +1,8 @@
 //! Reads a local directory into a sorted list of tree entries, hashing content in parallel.
 //!
 //! What is included: every directory, regular file and symlink below the root, hidden ones too,
-//! minus what `.podfsignore` files (gitignore syntax, honoured in every directory) exclude and
-//! minus a top-level `.podfs` directory (the daemon's state). Symlinks are never followed: their
+//! minus what [`Rules`] exclude (`.podfsignore` files in gitignore syntax, built-in defaults for
+//! editor litter, the top-level `.podfs` state directory). Symlinks are never followed: their
 //! link text is their content. Sockets, FIFOs and devices are skipped with a warning. Names must
 //! be UTF-8 workspace paths; anything else is an error naming the path (silently skipping it
 //! would delete it from the workspace).
@@ -12,7 +12,7 @@ use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -20,10 +20,9 @@ use podfs_protocol::tree::{MODE_MASK, SYMLINK_MODE};
 use podfs_protocol::{ContentHash, Entry, EntryKind, WsPath};
 use rayon::prelude::*;
 
-/// Name of the ignore files (gitignore syntax).
-pub const IGNORE_FILE: &str = ".podfsignore";
-/// Top-level directory that is never pushed (syncd's state).
-pub const STATE_DIR: &str = ".podfs";
+use crate::rules::Rules;
+
+pub use crate::rules::{IGNORE_FILE, STATE_DIR};
 /// Files at least this large are hashed by reading fixed-size chunks, each hashed on several
 /// threads; smaller ones are read whole. Never through mmap: a file truncated while mapped
 /// kills the process with SIGBUS, and a devpod's files change under us.
@@ -60,11 +59,131 @@ pub struct LocalTree {
     pub skipped: Vec<PathBuf>,
 }
 
-struct Found {
-    path: WsPath,
-    local: PathBuf,
-    kind: EntryKind,
-    mode: u32,
+/// One path a walk found, with what `lstat` said about it.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub path: WsPath,
+    pub local: PathBuf,
+    pub kind: EntryKind,
+    /// Permission bits (`SYMLINK_MODE` for symlinks).
+    pub mode: u32,
+    pub stat: Stat,
+}
+
+/// The parts of `lstat` that tell whether a path changed since it was last read (git's index
+/// keeps the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stat {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    /// Full `st_mode` (type and permission bits).
+    pub mode: u32,
+}
+
+impl Stat {
+    pub fn of(m: &fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            mode: m.mode(),
+        }
+    }
+}
+
+/// What a path is, from its metadata: `None` for sockets, FIFOs and devices.
+pub fn kind_of(ft: fs::FileType) -> Option<EntryKind> {
+    if ft.is_dir() {
+        Some(EntryKind::Dir)
+    } else if ft.is_file() {
+        Some(EntryKind::File)
+    } else if ft.is_symlink() {
+        Some(EntryKind::Symlink)
+    } else {
+        None
+    }
+}
+
+/// What a full `st_mode` (type bits included) describes.
+pub fn kind_of_mode(mode: u32) -> Option<EntryKind> {
+    match mode & 0o170000 {
+        0o040000 => Some(EntryKind::Dir),
+        0o100000 => Some(EntryKind::File),
+        0o120000 => Some(EntryKind::Symlink),
+        _ => None,
+    }
+}
+
+/// Walks the tree below the workspace path `below` ("" for the whole tree; it must exist and not
+/// be ignored itself), appending every path `rules` keep to `found`, `below` itself excluded.
+/// Paths that vanish during the walk are left out; unsupported kinds go to `skipped`. `on_dir`
+/// sees each directory before its entries are read (syncd watches it there, so nothing created
+/// in it later is missed).
+pub fn walk(
+    rules: &mut Rules,
+    below: &str,
+    found: &mut Vec<Found>,
+    skipped: &mut Vec<PathBuf>,
+    on_dir: &mut dyn FnMut(&str),
+) -> anyhow::Result<()> {
+    let root = rules.root().to_path_buf();
+    let mut stack = vec![below.to_string()];
+    while let Some(dir) = stack.pop() {
+        let dir_local = if dir.is_empty() { root.clone() } else { root.join(&dir) };
+        on_dir(&dir);
+        let entries = match fs::read_dir(&dir_local) {
+            Ok(e) => e,
+            Err(e) if gone(&e) && !dir.is_empty() => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir_local.display())),
+        };
+        for item in entries {
+            let item = item.with_context(|| format!("cannot read {}", dir_local.display()))?;
+            let local = item.path();
+            let Some(name) = item.file_name().to_str().map(str::to_string) else {
+                bail!(
+                    "{}: the name is not valid UTF-8; podfs stores only UTF-8 names (rename it or add it to {IGNORE_FILE})",
+                    local.display()
+                );
+            };
+            let rel = if dir.is_empty() { name } else { format!("{dir}/{name}") };
+            let meta = match fs::symlink_metadata(&local) {
+                Ok(m) => m,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e).with_context(|| format!("cannot stat {}", local.display())),
+            };
+            let Some(kind) = kind_of(meta.file_type()) else {
+                if !rules.is_ignored(&rel, false) {
+                    tracing::warn!(path = %local.display(), "skipping: not a file, directory or symlink");
+                    skipped.push(local);
+                }
+                continue;
+            };
+            if rules.is_ignored(&rel, kind == EntryKind::Dir) {
+                continue;
+            }
+            let path = WsPath::new(rel.clone()).with_context(|| format!("{}: not a valid workspace path", local.display()))?;
+            let mode = match kind {
+                EntryKind::Symlink => SYMLINK_MODE,
+                _ => meta.permissions().mode() & MODE_MASK,
+            };
+            if kind == EntryKind::Dir {
+                stack.push(rel);
+            }
+            found.push(Found { path, local, kind, mode, stat: Stat::of(&meta) });
+        }
+    }
+    Ok(())
+}
+
+/// The path (or a parent) disappeared or stopped being a directory while we looked.
+fn gone(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
 }
 
 /// Scans `root` (blocking: call from a blocking thread). Content is hashed on rayon's pool.
@@ -75,39 +194,10 @@ pub fn scan(root: &Path) -> anyhow::Result<LocalTree> {
     }
     let mut found = Vec::new();
     let mut skipped = Vec::new();
-    let walker = ignore::WalkBuilder::new(root)
-        .standard_filters(false)
-        .follow_links(false)
-        .add_custom_ignore_filename(IGNORE_FILE)
-        .filter_entry(|e| !(e.depth() == 1 && e.file_name() == STATE_DIR))
-        .build();
-    for item in walker {
-        let entry = item.with_context(|| format!("cannot scan {}", root.display()))?;
-        if entry.depth() == 0 {
-            continue;
-        }
-        let local = entry.path().to_path_buf();
-        let ft = entry.file_type().with_context(|| format!("cannot read the type of {}", local.display()))?;
-        let kind = if ft.is_dir() {
-            EntryKind::Dir
-        } else if ft.is_file() {
-            EntryKind::File
-        } else if ft.is_symlink() {
-            EntryKind::Symlink
-        } else {
-            tracing::warn!(path = %local.display(), "skipping: not a file, directory or symlink");
-            skipped.push(local);
-            continue;
-        };
-        let path = ws_path(root, &local)?;
-        let mode = match kind {
-            EntryKind::Symlink => SYMLINK_MODE,
-            _ => {
-                let m = entry.metadata().with_context(|| format!("cannot stat {}", local.display()))?;
-                m.permissions().mode() & MODE_MASK
-            }
-        };
-        found.push(Found { path, local, kind, mode });
+    let mut rules = Rules::new(root);
+    walk(&mut rules, "", &mut found, &mut skipped, &mut |_| {})?;
+    for w in &rules.warnings {
+        tracing::warn!("{w}");
     }
 
     let hashed: Vec<(Entry, Option<Source>)> = found
@@ -139,26 +229,6 @@ pub fn scan(root: &Path) -> anyhow::Result<LocalTree> {
     }
     tree.entries.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(tree)
-}
-
-/// The workspace path of `local` below `root`: UTF-8 components joined by `/`.
-fn ws_path(root: &Path, local: &Path) -> anyhow::Result<WsPath> {
-    let rel =
-        local.strip_prefix(root).with_context(|| format!("{} is not below {}", local.display(), root.display()))?;
-    let mut parts = Vec::new();
-    for c in rel.components() {
-        match c {
-            Component::Normal(name) => match name.to_str() {
-                Some(s) => parts.push(s),
-                None => bail!(
-                    "{}: the name is not valid UTF-8; podfs stores only UTF-8 names (rename it or add it to {IGNORE_FILE})",
-                    local.display()
-                ),
-            },
-            _ => bail!("{}: unexpected path component", local.display()),
-        }
-    }
-    WsPath::new(parts.join("/")).with_context(|| format!("{}: not a valid workspace path", local.display()))
 }
 
 /// BLAKE3 of a file and the number of bytes hashed.

@@ -26,6 +26,7 @@ fn opts(cache: &Path) -> HydrateOptions {
         concurrency: 16,
         progress: false,
         force: false,
+        keep_local: false,
     }
 }
 
@@ -51,6 +52,10 @@ async fn round_trip_and_reuse(gw: &TestGateway, spec: EdgeTree) {
     assert!(cold.sources.manifest.files > spec.small_files as u64, "{cold:?}");
     assert!(cold.sources.manifest.transfer_bytes > 0);
     assert!(cold.sources.s3.files >= 1, "the big file comes from the blob store: {cold:?}");
+    // bytes on the wire are the stored form (16-byte header, maybe compressed), not the content
+    let s3 = &cold.sources.s3;
+    assert!(s3.transfer_bytes > 0 && s3.transfer_bytes <= podfs_client::max_stored_len(s3.bytes), "{s3:?}");
+    assert_ne!(s3.transfer_bytes, s3.bytes, "stored bytes are counted, not decoded ones: {s3:?}");
     assert_eq!(cold.sources.cache.files, 0);
 
     let warm = pull(&client, "b", 1, &tmp.path().join("warm"), &cache).await;

@@ -130,6 +130,7 @@ impl Client {
                 if stored.len() as u64 + chunk.len() as u64 > cap {
                     return Err(too_big());
                 }
+                self.count_blob_bytes(chunk.len());
                 stored.extend_from_slice(&chunk);
             }
             blob::decode(&stored, &loc.hash).map_err(|e| Error::from_blob(loc.hash, e))
@@ -145,7 +146,8 @@ impl Client {
         W: Write + Send + 'static,
     {
         let resp = self.open_location(loc).await?;
-        let stream = resp.bytes_stream().map_err(io::Error::other);
+        let counter = self.clone();
+        let stream = resp.bytes_stream().inspect_ok(move |c| counter.count_blob_bytes(c.len())).map_err(io::Error::other);
         // Dropping this future (the caller gave up) stops the blocking copy at its next read.
         let cancelled = Arc::new(AtomicBool::new(false));
         let _guard = CancelOnDrop(Arc::clone(&cancelled));

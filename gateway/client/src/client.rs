@@ -36,6 +36,8 @@ struct Inner {
     base: Url,
     token: Option<String>,
     retry: RetryPolicy,
+    /// Stored-blob bytes received by `fetch_blob` and `fetch_blob_to` (as sent, before decoding).
+    pub(crate) blob_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Client {
@@ -75,7 +77,7 @@ impl Client {
             .build()
             .map_err(Error::Transport)?;
         let token = token.filter(|t| !t.is_empty());
-        Ok(Self { inner: Arc::new(Inner { http, base, token, retry }) })
+        Ok(Self { inner: Arc::new(Inner { http, base, token, retry, blob_bytes: Default::default() }) })
     }
 
     pub fn base_url(&self) -> &Url {
@@ -87,6 +89,16 @@ impl Client {
     }
 
     /// The underlying reqwest client (shared pool), for callers with special needs.
+    /// Bytes of stored blobs this client (and its clones) received from blob locations, as
+    /// they came over the wire (compressed), attempts that failed included.
+    pub fn blob_bytes_received(&self) -> u64 {
+        self.inner.blob_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_blob_bytes(&self, n: usize) {
+        self.inner.blob_bytes.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn http(&self) -> &reqwest::Client {
         &self.inner.http
     }

@@ -1,0 +1,183 @@
+//! Turning pending paths into a version, and what happens when head moved.
+//!
+//! A commit sends the change list between the local index and the base, with the base's
+//! version as parent. Blobs are uploaded first, each re-read from disk and checked against the
+//! hash the index holds: a file that changed since it was hashed is not uploaded (the commit
+//! stops and the path is looked at again). The base advances only after the gateway's answer.
+//!
+//! **Two writers.** When the gateway refuses the parent (another writer moved head), syncd
+//! fetches the diff from its base to head. Paths only the other writer changed are written to
+//! disk (only where the disk still holds the base's state). Paths both changed to the same state
+//! need nothing. Paths both changed differently are conflicts: the other writer's state stays
+//! in its version, ours is committed on top of it and becomes head. Nothing is overwritten
+//! without a version holding it; the conflict is named in the commit message and in
+//! `podfs status`.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use anyhow::Context;
+use bytes::Bytes;
+use podfs_client::Client;
+use podfs_protocol::api::{CommitRequest, DiffKind};
+use podfs_protocol::{Change, ContentHash, Entry, EntryKind, VersionRef};
+
+use super::index::Index;
+use crate::changes::compute_changes;
+use crate::cache::ContentCache;
+use crate::hydrate::{self, HydrateOptions};
+use crate::push::{self, PushError};
+use crate::scan::{LocalTree, Source};
+
+/// What a commit needs besides the index.
+pub struct Ctx<'a> {
+    pub client: &'a Client,
+    /// DIR.
+    pub root: &'a Path,
+    pub author: &'a str,
+    pub cache: &'a ContentCache,
+    /// For writing the other writer's changes (`keep_local` set).
+    pub hydrate: &'a HydrateOptions,
+}
+
+/// How one attempt ended.
+#[derive(Debug)]
+pub enum Attempt {
+    Committed { version: u64, changes: usize },
+    /// Head moved; the other writer's changes are merged into the base and the disk. `touched`
+    /// must be looked at again; `conflicts` were changed on both sides.
+    Rebased { touched: Vec<String>, conflicts: Vec<String>, head: u64 },
+    /// These paths changed after they were hashed: look again, then retry.
+    Changed(Vec<String>),
+    /// The gateway (or what is behind it) did not answer, or refused: retry later.
+    Failed(anyhow::Error),
+}
+
+/// Commits the pending paths of `idx`.
+pub async fn commit(ctx: &Ctx<'_>, idx: &mut Index, message: String) -> Attempt {
+    let (client, root) = (ctx.client, ctx.root);
+    let (local, base) = idx.pending_trees();
+    let changes = compute_changes(&local, &base);
+    if changes.is_empty() {
+        return Attempt::Committed { version: idx.base_version, changes: 0 };
+    }
+    let ws = idx.workspace.clone();
+    match upload(client, &ws, root, &changes).await {
+        Ok(()) => {}
+        Err(e) => {
+            if let Some(PushError::ChangedWhilePushing { path }) = e.downcast_ref::<PushError>() {
+                let rel = Path::new(path).strip_prefix(root).map(|p| p.to_string_lossy().into_owned());
+                return Attempt::Changed(vec![rel.unwrap_or_else(|_| path.clone())]);
+            }
+            return Attempt::Failed(e);
+        }
+    }
+    let req = CommitRequest {
+        parent_version: idx.base_version,
+        message: Some(message),
+        author: Some(ctx.author.to_string()),
+        changes: changes.clone(),
+    };
+    match client.commit(&ws, &req).await {
+        Ok(info) => match idx.advance_base(info.version, &changes) {
+            Ok(()) => Attempt::Committed { version: info.version, changes: changes.len() },
+            Err(e) => Attempt::Failed(e.context("committed, but the local index could not record it")),
+        },
+        Err(e) if e.is_conflict() => match rebase(ctx, idx).await {
+            Ok(a) => a,
+            Err(e) => Attempt::Failed(e),
+        },
+        Err(e) => Attempt::Failed(anyhow::Error::new(e).context(format!("cannot commit to {ws}"))),
+    }
+}
+
+/// Uploads the blobs of `changes` the gateway lacks, each re-read and verified.
+async fn upload(client: &Client, ws: &str, root: &Path, changes: &[Change]) -> anyhow::Result<()> {
+    let mut seen = HashSet::new();
+    let puts: Vec<&Entry> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Put(e) if e.hash.is_some() => Some(e),
+            _ => None,
+        })
+        .filter(|e| seen.insert(e.hash))
+        .collect();
+    let hashes: Vec<ContentHash> = puts.iter().filter_map(|e| e.hash).collect();
+    let missing: HashSet<ContentHash> =
+        client.missing_blobs(ws, &hashes).await.context("cannot ask the gateway which blobs it lacks")?.into_iter().collect();
+    let mut tree = LocalTree::default();
+    for e in puts {
+        let Some(h) = e.hash.filter(|h| missing.contains(h)) else { continue };
+        let local = root.join(e.path.as_str());
+        let source = match e.kind {
+            EntryKind::Symlink => {
+                let text = std::fs::read_link(&local)
+                    .map(|t| Bytes::copy_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str())));
+                match text {
+                    Ok(t) if ContentHash::of(&t) == h => Source::Inline(t),
+                    _ => return Err(PushError::ChangedWhilePushing { path: local.display().to_string() }.into()),
+                }
+            }
+            _ => Source::File { path: local, size: e.size },
+        };
+        tree.sources.insert(h, source);
+    }
+    let missing: Vec<ContentHash> = tree.sources.keys().copied().collect();
+    let opts = push::PushOptions { progress: false, ..Default::default() };
+    push::upload(client, ws, &tree, &missing, &opts).await.map(|_| ())
+}
+
+/// Head moved: merge the other writer's changes (see the module docs).
+async fn rebase(ctx: &Ctx<'_>, idx: &mut Index) -> anyhow::Result<Attempt> {
+    let (client, root) = (ctx.client, ctx.root);
+    let ws = idx.workspace.clone();
+    let head = client.workspace(&ws).await.with_context(|| format!("cannot read workspace {ws}"))?.head;
+    let from = idx.base_version;
+    if head == from {
+        anyhow::bail!("the gateway refused parent version {from}, which is still head");
+    }
+    let diff = client
+        .diff(&ws, VersionRef::Number(from), VersionRef::Number(head))
+        .await
+        .with_context(|| format!("cannot read the changes between versions {from} and {head}"))?;
+    let mut conflicts = Vec::new();
+    let mut touched = Vec::new();
+    let mut base_changes = Vec::new();
+    for d in &diff.changes {
+        touched.push(d.path.clone());
+        if idx.pending.contains(&d.path) {
+            let ours = idx.local.get(&d.path).map(|r| &r.entry);
+            let same = match (ours, d.new.as_ref()) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a.same_content(b),
+                _ => false,
+            };
+            if !same {
+                conflicts.push(d.path.clone());
+            }
+        }
+        base_changes.push(match (&d.change, &d.new) {
+            (DiffKind::Deleted, _) | (_, None) => Change::Delete(podfs_protocol::WsPath::new(d.path.clone())?),
+            (_, Some(e)) => Change::Put(e.clone()),
+        });
+    }
+    // the other writer's changes onto the disk, around local edits
+    let report = hydrate::switch(client, &ws, VersionRef::Number(head), root, ctx.cache, ctx.hydrate, from)
+        .await
+        .with_context(|| format!("cannot bring the changes of versions {}..={head} to disk", from + 1))?;
+    tracing::info!(
+        from,
+        head,
+        changed = diff.changes.len(),
+        kept_local = report.kept_local.len(),
+        conflicts = conflicts.len(),
+        "head moved: merged the other writer's changes"
+    );
+    // deletes deepest first, then puts in path order (parents before children)
+    let (mut deletes, puts): (Vec<Change>, Vec<Change>) =
+        base_changes.into_iter().partition(|c| matches!(c, Change::Delete(_)));
+    deletes.reverse();
+    deletes.extend(puts);
+    idx.advance_base(head, &deletes)?;
+    Ok(Attempt::Rebased { touched, conflicts, head })
+}

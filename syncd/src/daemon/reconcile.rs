@@ -1,0 +1,282 @@
+//! Brings the local index in line with the disk: the whole tree (start-up, watcher overflow,
+//! periodic) or only the paths watcher events named. Events are hints; this is the truth.
+//!
+//! A path whose `lstat` figures match its index record (and was not read in the same instant it
+//! was last written) is not read again. Everything else is hashed on rayon's pool; a file that
+//! changes while it is read (its `lstat` differs before and after) is read again, and after a
+//! few tries left for the next round: never recorded torn.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use podfs_protocol::{ContentHash, Entry, EntryKind, WsPath};
+use rayon::prelude::*;
+
+use super::index::{Index, Rec};
+use crate::rules::Rules;
+use crate::scan::{self, Found, Stat};
+
+/// Reads of one file before it counts as unstable for this round.
+const STABLE_TRIES: usize = 3;
+
+/// What to look at.
+#[derive(Debug, Default)]
+pub struct Dirty {
+    /// Look at these paths themselves (a file written, a path removed, a mode changed).
+    pub paths: BTreeSet<String>,
+    /// Walk these (directories created or moved in): everything below them too.
+    pub trees: BTreeSet<String>,
+    /// Walk the whole tree.
+    pub full: bool,
+}
+
+impl Dirty {
+    pub fn is_empty(&self) -> bool {
+        !self.full && self.paths.is_empty() && self.trees.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.paths.len() + self.trees.len()
+    }
+}
+
+/// What a round did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Paths looked at.
+    pub checked: usize,
+    /// Files and symlinks read.
+    pub hashed: usize,
+    /// Directories that appeared in / left the index (to watch / unwatch).
+    pub dirs_added: Vec<String>,
+    pub dirs_removed: Vec<String>,
+    /// Paths that kept changing while read, or could not be read: look again later.
+    pub deferred: Vec<String>,
+    /// Paths that could not be read (permissions...), with the reason.
+    pub unreadable: Vec<(String, String)>,
+}
+
+/// Updates `idx` from the disk for `dirty`. `on_dir` sees every directory walked, before it is
+/// read.
+pub fn reconcile(
+    rules: &mut Rules,
+    idx: &mut Index,
+    dirty: Dirty,
+    on_dir: &mut dyn FnMut(&str),
+) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::default();
+    let mut found: Vec<Found> = Vec::new();
+    let mut skipped: Vec<PathBuf> = Vec::new();
+    let had_dirs: HashSet<String> =
+        if dirty.full { dirs_of(idx, "") } else { HashSet::new() };
+    if dirty.full {
+        scan::walk(rules, "", &mut found, &mut skipped, on_dir)?;
+        let seen: HashSet<&str> = found.iter().map(|f| f.path.as_str()).collect();
+        let gone: Vec<String> = idx.local.keys().filter(|p| !seen.contains(p.as_str())).cloned().collect();
+        for p in gone {
+            idx.remove_local_tree(&p);
+        }
+    } else {
+        let mut trees: Vec<&String> = Vec::new();
+        for t in &dirty.trees {
+            if !trees.iter().any(|a| is_below(t, a)) {
+                trees.push(t);
+            }
+        }
+        let mut walk_below: Vec<String> = Vec::new();
+        for p in trees.iter().map(|t| t.as_str()).chain(
+            dirty.paths.iter().filter(|p| !trees.iter().any(|t| *p == *t || is_below(p, t))).map(String::as_str),
+        ) {
+            match look(rules, p)? {
+                None => idx.remove_local_tree(p),
+                Some(f) => {
+                    let is_tree = dirty.trees.contains(p);
+                    let new_dir = f.kind == EntryKind::Dir && !idx.local.contains_key(p);
+                    if f.kind == EntryKind::Dir && (is_tree || new_dir) {
+                        walk_below.push(p.to_string());
+                    } else if f.kind != EntryKind::Dir {
+                        // was it a directory? its contents went with it
+                        let below: Vec<String> = idx.below(p).map(str::to_string).collect();
+                        for b in below {
+                            idx.remove_local_tree(&b);
+                        }
+                    }
+                    add_missing_parents(rules, idx, p, &mut found)?;
+                    found.push(f);
+                }
+            }
+        }
+        for d in walk_below {
+            let start = found.len();
+            scan::walk(rules, &d, &mut found, &mut skipped, on_dir)?;
+            let seen: HashSet<&str> = found[start..].iter().map(|f| f.path.as_str()).collect();
+            let gone: Vec<String> = idx.below(&d).filter(|p| !seen.contains(p)).map(str::to_string).collect();
+            for p in gone {
+                idx.remove_local_tree(&p);
+            }
+        }
+    }
+    out.checked = found.len();
+
+    let mut to_read: Vec<Found> = Vec::new();
+    for f in found {
+        let key = f.path.as_str();
+        if f.kind == EntryKind::Dir {
+            if !idx.local.get(key).is_some_and(|r| r.entry.kind == EntryKind::Dir) {
+                out.dirs_added.push(key.to_string());
+            }
+            let entry = Entry { path: f.path.clone(), kind: EntryKind::Dir, hash: None, size: 0, mode: f.mode };
+            let key = key.to_string();
+            idx.set_local(&key, Rec { entry, stat: f.stat, read_at_ns: now_ns() });
+            continue;
+        }
+        match idx.local.get(key) {
+            Some(r) if r.entry.kind == f.kind && r.still_valid(&f.stat) => {}
+            _ => to_read.push(f),
+        }
+    }
+    out.hashed = to_read.len();
+    let read: Vec<(Found, Read)> = to_read
+        .into_par_iter()
+        .map(|f| {
+            let r = read_stable(&f);
+            (f, r)
+        })
+        .collect();
+    for (f, r) in read {
+        let key = f.path.as_str().to_string();
+        match r {
+            Read::Done(rec) => {
+                if idx.local.get(&key).is_some_and(|old| old.entry.kind == EntryKind::Dir) {
+                    idx.remove_local_tree(&key);
+                }
+                idx.set_local(&key, rec);
+            }
+            Read::Gone => idx.remove_local_tree(&key),
+            Read::Unstable => out.deferred.push(key),
+            Read::Failed(e) => {
+                out.unreadable.push((key.clone(), e));
+                out.deferred.push(key);
+            }
+        }
+    }
+    if dirty.full {
+        let now = dirs_of(idx, "");
+        out.dirs_added = now.difference(&had_dirs).cloned().collect();
+        out.dirs_removed = had_dirs.difference(&now).cloned().collect();
+    }
+    for w in rules.warnings.drain(..) {
+        tracing::warn!("{w}");
+    }
+    Ok(out)
+}
+
+/// `rel` and its metadata as a walk would give it; `None` when it is gone, ignored, below an
+/// ignored directory, or of an unsupported kind.
+fn look(rules: &mut Rules, rel: &str) -> anyhow::Result<Option<Found>> {
+    let local = rules.root().join(rel);
+    let meta = match fs::symlink_metadata(&local) {
+        Ok(m) => m,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot stat {}", local.display())),
+    };
+    let Some(kind) = scan::kind_of(meta.file_type()) else { return Ok(None) };
+    if rules.is_ignored(rel, kind == EntryKind::Dir) {
+        return Ok(None);
+    }
+    // a parent replaced by a symlink: the path is not below the root any more
+    if let Some((parent, _)) = rel.rsplit_once('/')
+        && !fs::symlink_metadata(rules.root().join(parent)).is_ok_and(|m| m.is_dir())
+    {
+        return Ok(None);
+    }
+    let path = WsPath::new(rel.to_string()).with_context(|| format!("{}: not a valid workspace path", local.display()))?;
+    let mode = match kind {
+        EntryKind::Symlink => podfs_protocol::tree::SYMLINK_MODE,
+        _ => {
+            use std::os::unix::fs::PermissionsExt;
+            meta.permissions().mode() & podfs_protocol::tree::MODE_MASK
+        }
+    };
+    Ok(Some(Found { path, local, kind, mode, stat: Stat::of(&meta) }))
+}
+
+/// Adds the parent directories of `rel` that the index lacks (their events may come later).
+fn add_missing_parents(rules: &mut Rules, idx: &Index, rel: &str, found: &mut Vec<Found>) -> anyhow::Result<()> {
+    let mut p = rel;
+    while let Some((parent, _)) = p.rsplit_once('/') {
+        if idx.local.contains_key(parent) || found.iter().any(|f| f.path.as_str() == parent) {
+            break;
+        }
+        if let Some(f) = look(rules, parent)? {
+            found.push(f);
+        }
+        p = parent;
+    }
+    Ok(())
+}
+
+fn is_below(path: &str, dir: &str) -> bool {
+    path.len() > dir.len() && path.starts_with(dir) && path.as_bytes()[dir.len()] == b'/'
+}
+
+fn dirs_of(idx: &Index, under: &str) -> HashSet<String> {
+    let all: Box<dyn Iterator<Item = &str>> =
+        if under.is_empty() { Box::new(idx.local.keys().map(String::as_str)) } else { Box::new(idx.below(under)) };
+    all.filter(|p| idx.local.get(*p).is_some_and(|r| r.entry.kind == EntryKind::Dir)).map(str::to_string).collect()
+}
+
+pub fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+enum Read {
+    Done(Rec),
+    Gone,
+    Unstable,
+    Failed(String),
+}
+
+/// Reads `f`'s content until two `lstat`s around the read agree.
+fn read_stable(f: &Found) -> Read {
+    let mut before = f.stat;
+    for _ in 0..STABLE_TRIES {
+        let read_at_ns = now_ns();
+        let content = match f.kind {
+            EntryKind::Symlink => fs::read_link(&f.local).map(|t| {
+                let b = t.as_os_str().as_bytes();
+                (ContentHash::of(b), b.len() as u64)
+            }),
+            _ => scan::hash_file(&f.local),
+        };
+        let (hash, size) = match content {
+            Ok(c) => c,
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => return Read::Gone,
+            // a file replaced by a directory (EISDIR) or a symlink target read as a file...
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput || e.raw_os_error() == Some(21) => return Read::Unstable,
+            Err(e) => return Read::Failed(e.to_string()),
+        };
+        let after = match fs::symlink_metadata(&f.local) {
+            Ok(m) => Stat::of(&m),
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => return Read::Gone,
+            Err(e) => return Read::Failed(e.to_string()),
+        };
+        if after == before && size == after.size {
+            let mode = match f.kind {
+                EntryKind::Symlink => podfs_protocol::tree::SYMLINK_MODE,
+                _ => after.mode & podfs_protocol::tree::MODE_MASK,
+            };
+            let entry = Entry { path: f.path.clone(), kind: f.kind, hash: Some(hash), size, mode };
+            return Read::Done(Rec { entry, stat: after, read_at_ns });
+        }
+        if scan::kind_of_mode(after.mode) != Some(f.kind) {
+            return Read::Unstable;
+        }
+        before = after;
+    }
+    Read::Unstable
+}
