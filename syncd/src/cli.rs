@@ -9,7 +9,7 @@ use podfs_client::{Client, DEFAULT_GATEWAY};
 use podfs_protocol::VersionRef;
 use serde::Serialize;
 
-use crate::{cat, daemon, diff, history, log, pull, push, token, workspace};
+use crate::{cat, daemon, diff, history, log, pull, push, restore_version, token, workspace};
 
 /// podfs: versioned workspaces shared between devpods.
 #[derive(Debug, Parser)]
@@ -40,7 +40,7 @@ pub enum Command {
     Push(push::PushArgs),
     /// Write a version of a workspace into a new or empty directory.
     Pull(pull::PullArgs),
-    /// List versions, newest first.
+    /// List versions, newest first (with a PATH: that path's revisions).
     Log(log::LogArgs),
     /// Print one file of a version to stdout.
     Cat(cat::CatArgs),
@@ -48,6 +48,8 @@ pub enum Command {
     Diff(diff::DiffArgs),
     /// List the revisions of one path.
     History(history::HistoryArgs),
+    /// Commit an old version's tree as a new version.
+    Restore(restore_version::RestoreArgs),
     /// Keep a directory in sync with a workspace: every save becomes a version.
     Syncd(daemon::SyncdArgs),
     /// Show the state of the syncd daemon of a directory.
@@ -151,6 +153,7 @@ pub async fn execute(cli: Cli, stdout: &mut (dyn Write + Send)) -> anyhow::Resul
         Command::Cat(a) => cat::run(&client, a, &mut out).await,
         Command::Diff(a) => diff::run(&client, a, &mut out).await,
         Command::History(a) => history::run(&client, a, &mut out).await,
+        Command::Restore(a) => restore_version::run(&client, a, &mut out).await,
         Command::Status(a) => daemon::status::run(a, &mut out),
         Command::Syncd(_) => unreachable!("handled above"),
     }

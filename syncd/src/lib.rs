@@ -26,6 +26,7 @@ pub mod progress;
 pub mod pull;
 pub mod push;
 pub mod restore;
+pub mod restore_version;
 pub mod rules;
 pub mod scan;
 pub mod target;

@@ -1,4 +1,5 @@
-//! `podfs log WORKSPACE`: versions, newest first.
+//! `podfs log WORKSPACE [PATH]`: versions, newest first; with PATH, the revisions of that path
+//! (as `podfs history`).
 
 use anyhow::Context;
 use clap::Args;
@@ -15,6 +16,8 @@ pub const DEFAULT_LIMIT: u32 = 100;
 pub struct LogArgs {
     #[arg(value_parser = parse_workspace)]
     pub workspace: String,
+    /// Only the revisions of this path (oldest first, as `podfs history`).
+    pub path: Option<String>,
     /// Most versions to show.
     #[arg(short = 'n', long, default_value_t = DEFAULT_LIMIT)]
     pub limit: u32,
@@ -25,6 +28,9 @@ pub struct LogArgs {
 
 /// One line per version: `VERSION  TIME  AUTHOR  N changes  MESSAGE`.
 pub async fn run(client: &Client, args: LogArgs, out: &mut Output<'_>) -> anyhow::Result<()> {
+    if let Some(path) = args.path {
+        return crate::history::run(client, crate::history::HistoryArgs { workspace: args.workspace, path }, out).await;
+    }
     let list = client
         .versions(&args.workspace, Some(args.limit), args.before)
         .await

@@ -9,7 +9,9 @@ async fn main() -> ExitCode {
     // One rustls provider for the whole process (the dependency graph may hold aws-lc too).
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,podfs_syncd::daemon=info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,podfs_syncd::daemon=info")),
+        )
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();

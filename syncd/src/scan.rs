@@ -167,7 +167,8 @@ pub fn walk(
             if rules.is_ignored(&rel, kind == EntryKind::Dir) {
                 continue;
             }
-            let path = WsPath::new(rel.clone()).with_context(|| format!("{}: not a valid workspace path", local.display()))?;
+            let path =
+                WsPath::new(rel.clone()).with_context(|| format!("{}: not a valid workspace path", local.display()))?;
             let mode = match kind {
                 EntryKind::Symlink => SYMLINK_MODE,
                 _ => meta.permissions().mode() & MODE_MASK,

@@ -147,7 +147,8 @@ impl Client {
     {
         let resp = self.open_location(loc).await?;
         let counter = self.clone();
-        let stream = resp.bytes_stream().inspect_ok(move |c| counter.count_blob_bytes(c.len())).map_err(io::Error::other);
+        let stream =
+            resp.bytes_stream().inspect_ok(move |c| counter.count_blob_bytes(c.len())).map_err(io::Error::other);
         // Dropping this future (the caller gave up) stops the blocking copy at its next read.
         let cancelled = Arc::new(AtomicBool::new(false));
         let _guard = CancelOnDrop(Arc::clone(&cancelled));

@@ -23,8 +23,8 @@ use podfs_protocol::api::{CommitRequest, DiffKind};
 use podfs_protocol::{Change, ContentHash, Entry, EntryKind, VersionRef};
 
 use super::index::Index;
-use crate::changes::compute_changes;
 use crate::cache::ContentCache;
+use crate::changes::compute_changes;
 use crate::hydrate::{self, HydrateOptions};
 use crate::push::{self, PushError};
 use crate::scan::{LocalTree, Source};
@@ -43,10 +43,17 @@ pub struct Ctx<'a> {
 /// How one attempt ended.
 #[derive(Debug)]
 pub enum Attempt {
-    Committed { version: u64, changes: usize },
+    Committed {
+        version: u64,
+        changes: usize,
+    },
     /// Head moved; the other writer's changes are merged into the base and the disk. `touched`
     /// must be looked at again; `conflicts` were changed on both sides.
-    Rebased { touched: Vec<String>, conflicts: Vec<String>, head: u64 },
+    Rebased {
+        touched: Vec<String>,
+        conflicts: Vec<String>,
+        head: u64,
+    },
     /// These paths changed after they were hashed: look again, then retry.
     Changed(Vec<String>),
     /// The gateway (or what is behind it) did not answer, or refused: retry later.
@@ -103,8 +110,12 @@ async fn upload(client: &Client, ws: &str, root: &Path, changes: &[Change]) -> a
         .filter(|e| seen.insert(e.hash))
         .collect();
     let hashes: Vec<ContentHash> = puts.iter().filter_map(|e| e.hash).collect();
-    let missing: HashSet<ContentHash> =
-        client.missing_blobs(ws, &hashes).await.context("cannot ask the gateway which blobs it lacks")?.into_iter().collect();
+    let missing: HashSet<ContentHash> = client
+        .missing_blobs(ws, &hashes)
+        .await
+        .context("cannot ask the gateway which blobs it lacks")?
+        .into_iter()
+        .collect();
     let mut tree = LocalTree::default();
     for e in puts {
         let Some(h) = e.hash.filter(|h| missing.contains(h)) else { continue };

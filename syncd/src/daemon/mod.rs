@@ -109,7 +109,8 @@ impl Settings {
     pub fn resolve(args: SyncdArgs, gateway: Option<String>, token: Option<String>) -> anyhow::Result<Self> {
         let file: FileConfig = match &args.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading config file {}", p.display()))?;
+                let text =
+                    std::fs::read_to_string(p).with_context(|| format!("reading config file {}", p.display()))?;
                 toml::from_str(&text).with_context(|| format!("parsing config file {}", p.display()))?
             }
             None => FileConfig::default(),
@@ -249,10 +250,10 @@ impl Daemon {
         let mut oldest: Option<Instant> = None;
         let mut stopping = false;
         loop {
-            let flush_at = first_hint.map(|f| {
-                if dirty.full { f } else { (last_hint + self.s.quiet).min(f + self.s.max_delay) }
-            });
-            let commit_at = if self.idx.pending.is_empty() { None } else { Some(retry_at.unwrap_or_else(Instant::now)) };
+            let flush_at =
+                first_hint.map(|f| if dirty.full { f } else { (last_hint + self.s.quiet).min(f + self.s.max_delay) });
+            let commit_at =
+                if self.idx.pending.is_empty() { None } else { Some(retry_at.unwrap_or_else(Instant::now)) };
             let wake = [flush_at, commit_at, Some(next_rescan)].into_iter().flatten().min().unwrap_or(next_rescan);
             if !stopping {
                 tokio::select! {
@@ -342,7 +343,11 @@ impl Daemon {
                     }
                     Attempt::Rebased { touched, conflicts, head } => {
                         if !conflicts.is_empty() {
-                            tracing::warn!(?conflicts, their_version = head, "conflicting edits: both kept as versions");
+                            tracing::warn!(
+                                ?conflicts,
+                                their_version = head,
+                                "conflicting edits: both kept as versions"
+                            );
                             self.status.add_conflicts(&conflicts, head);
                         }
                         dirty.paths.extend(touched);
@@ -397,9 +402,11 @@ impl Daemon {
         if full {
             watcher.add("");
         }
-        let out = tokio::task::block_in_place(|| reconcile::reconcile(&mut self.rules, &mut self.idx, batch, &mut |d| {
-            watcher.add(d);
-        }))?;
+        let out = tokio::task::block_in_place(|| {
+            reconcile::reconcile(&mut self.rules, &mut self.idx, batch, &mut |d| {
+                watcher.add(d);
+            })
+        })?;
         for d in &out.dirs_removed {
             watcher.remove(d);
         }
@@ -491,7 +498,9 @@ async fn wait_for_head(client: &Client, ws: &str) -> anyhow::Result<u64> {
     loop {
         match client.workspace(ws).await {
             Ok(w) => return Ok(w.head),
-            Err(e) if e.is_not_found() => bail!("workspace {ws} does not exist (create it with `podfs workspace create {ws}`)"),
+            Err(e) if e.is_not_found() => {
+                bail!("workspace {ws} does not exist (create it with `podfs workspace create {ws}`)")
+            }
             Err(e) if e.is_retryable() => {
                 tracing::warn!(error = %e, "the gateway is unreachable; waiting to start");
                 tokio::time::sleep(wait).await;

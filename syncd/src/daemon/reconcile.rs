@@ -71,8 +71,7 @@ pub fn reconcile(
     let mut out = Outcome::default();
     let mut found: Vec<Found> = Vec::new();
     let mut skipped: Vec<PathBuf> = Vec::new();
-    let had_dirs: HashSet<String> =
-        if dirty.full { dirs_of(idx, "") } else { HashSet::new() };
+    let had_dirs: HashSet<String> = if dirty.full { dirs_of(idx, "") } else { HashSet::new() };
     if dirty.full {
         scan::walk(rules, "", &mut found, &mut skipped, on_dir)?;
         let seen: HashSet<&str> = found.iter().map(|f| f.path.as_str()).collect();
@@ -88,9 +87,11 @@ pub fn reconcile(
             }
         }
         let mut walk_below: Vec<String> = Vec::new();
-        for p in trees.iter().map(|t| t.as_str()).chain(
-            dirty.paths.iter().filter(|p| !trees.iter().any(|t| *p == *t || is_below(p, t))).map(String::as_str),
-        ) {
+        for p in trees
+            .iter()
+            .map(|t| t.as_str())
+            .chain(dirty.paths.iter().filter(|p| !trees.iter().any(|t| *p == *t || is_below(p, t))).map(String::as_str))
+        {
             match look(rules, p)? {
                 None => idx.remove_local_tree(p),
                 Some(f) => {
@@ -194,7 +195,8 @@ fn look(rules: &mut Rules, rel: &str) -> anyhow::Result<Option<Found>> {
     {
         return Ok(None);
     }
-    let path = WsPath::new(rel.to_string()).with_context(|| format!("{}: not a valid workspace path", local.display()))?;
+    let path =
+        WsPath::new(rel.to_string()).with_context(|| format!("{}: not a valid workspace path", local.display()))?;
     let mode = match kind {
         EntryKind::Symlink => podfs_protocol::tree::SYMLINK_MODE,
         _ => {

@@ -1,0 +1,87 @@
+//! `podfs restore WORKSPACE VERSION`: a new version whose tree equals an old one's, so any save
+//! can be had back without rewriting history. Content is never re-uploaded: every blob of the
+//! old version is still in the store.
+
+use anyhow::Context;
+use clap::Args;
+use podfs_client::Client;
+use podfs_protocol::api::{CommitRequest, DiffKind, VersionInfo};
+use podfs_protocol::{Change, VersionRef, WsPath};
+
+use crate::cli::Output;
+use crate::target::parse_workspace;
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    #[arg(value_parser = parse_workspace)]
+    pub workspace: String,
+    /// The version to bring back.
+    pub version: u64,
+    /// Commit message [default: "restore version N"].
+    #[arg(short, long)]
+    pub message: Option<String>,
+}
+
+/// Commits `ws@version`'s tree on top of head; `None` when head already equals it.
+pub async fn restore_version(
+    client: &Client,
+    ws: &str,
+    version: u64,
+    message: Option<String>,
+) -> anyhow::Result<Option<VersionInfo>> {
+    let head = client.workspace(ws).await.with_context(|| format!("cannot read workspace {ws}"))?.head;
+    if version == 0 || version > head {
+        anyhow::bail!("{ws} has versions 1 to {head}; there is no version {version}");
+    }
+    let diff = client
+        .diff(ws, VersionRef::Number(head), VersionRef::Number(version))
+        .await
+        .with_context(|| format!("cannot compare version {version} with head {head}"))?;
+    let (mut deletes, mut puts) = (Vec::new(), Vec::new());
+    for d in diff.changes {
+        match (d.change, d.new) {
+            (DiffKind::Deleted, _) | (_, None) => deletes.push(Change::Delete(WsPath::new(d.path)?)),
+            (_, Some(e)) => puts.push(Change::Put(e)),
+        }
+    }
+    if deletes.is_empty() && puts.is_empty() {
+        return Ok(None);
+    }
+    // deepest deletes first, then puts in path order (parents first): diff lists are sorted
+    deletes.reverse();
+    deletes.extend(puts);
+    let req = CommitRequest {
+        parent_version: head,
+        message: Some(message.unwrap_or_else(|| format!("restore version {version}"))),
+        author: None,
+        changes: deletes,
+    };
+    let info = client.commit(ws, &req).await.map_err(|e| {
+        if e.is_conflict() {
+            anyhow::anyhow!("{ws} moved past version {head} while restoring; run the command again")
+        } else {
+            anyhow::Error::new(e).context(format!("cannot commit to {ws}"))
+        }
+    })?;
+    Ok(Some(info))
+}
+
+pub async fn run(client: &Client, args: RestoreArgs, out: &mut Output<'_>) -> anyhow::Result<()> {
+    let r = restore_version(client, &args.workspace, args.version, args.message).await?;
+    #[derive(serde::Serialize)]
+    struct Restored {
+        workspace: String,
+        restored: u64,
+        version: Option<u64>,
+    }
+    let body =
+        Restored { workspace: args.workspace.clone(), restored: args.version, version: r.as_ref().map(|i| i.version) };
+    out.json_or(&body, |w| match &r {
+        Some(i) => writeln!(
+            w,
+            "{}: version {} restores version {} ({} changes)",
+            args.workspace, i.version, args.version, i.changes
+        ),
+        None => writeln!(w, "{}: head already equals version {}", args.workspace, args.version),
+    })
+}
