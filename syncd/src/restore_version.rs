@@ -33,14 +33,15 @@ pub async fn restore_version(
     if version == 0 || version > head {
         anyhow::bail!("{ws} has versions 1 to {head}; there is no version {version}");
     }
+    // the diff runs forward (version -> head); going back, each path gets its old entry
     let diff = client
-        .diff(ws, VersionRef::Number(head), VersionRef::Number(version))
+        .diff(ws, VersionRef::Number(version), VersionRef::Number(head))
         .await
         .with_context(|| format!("cannot compare version {version} with head {head}"))?;
     let (mut deletes, mut puts) = (Vec::new(), Vec::new());
     for d in diff.changes {
-        match (d.change, d.new) {
-            (DiffKind::Deleted, _) | (_, None) => deletes.push(Change::Delete(WsPath::new(d.path)?)),
+        match (d.change, d.old) {
+            (DiffKind::Added, _) | (_, None) => deletes.push(Change::Delete(WsPath::new(d.path)?)),
             (_, Some(e)) => puts.push(Change::Put(e)),
         }
     }

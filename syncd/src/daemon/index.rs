@@ -209,15 +209,21 @@ impl Index {
         }
     }
 
-    /// Forgets `path` and everything below it (gone from disk, or ignored now).
-    pub fn remove_local_tree(&mut self, path: &str) {
+    /// Forgets `path` and everything below it (gone from disk, or ignored now). Returns the
+    /// directories among them.
+    pub fn remove_local_tree(&mut self, path: &str) -> Vec<String> {
         let below: Vec<String> = self.below(path).map(str::to_string).collect();
+        let mut dirs = Vec::new();
         for p in std::iter::once(path.to_string()).chain(below) {
-            if self.local.remove(&p).is_some() {
+            if let Some(r) = self.local.remove(&p) {
+                if r.entry.kind == EntryKind::Dir {
+                    dirs.push(p.clone());
+                }
                 self.dirty.insert(p.clone());
                 self.refresh_pending(&p);
             }
         }
+        dirs
     }
 
     /// Local paths strictly below `dir` ("" for all).

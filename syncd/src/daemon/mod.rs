@@ -249,6 +249,8 @@ impl Daemon {
         // when the oldest change not yet committed was noticed
         let mut oldest: Option<Instant> = None;
         let mut stopping = false;
+        // (their version, paths) of a conflict the next commit resolves with our side
+        let mut conflict: Option<(u64, Vec<String>)> = None;
         loop {
             let flush_at =
                 first_hint.map(|f| if dirty.full { f } else { (last_hint + self.s.quiet).min(f + self.s.max_delay) });
@@ -311,7 +313,10 @@ impl Daemon {
             if !self.idx.pending.is_empty() && retry_at.is_none_or(|r| r <= Instant::now()) {
                 self.write_status("committing", &watcher);
                 let changes = self.idx.pending.len();
-                let message = format!("syncd: {} ({changes} paths)", trigger.name(changes));
+                let message = match &conflict {
+                    Some((theirs, paths)) => conflict_message(*theirs, paths, changes),
+                    None => format!("syncd: {} ({changes} paths)", trigger.name(changes)),
+                };
                 let hopts = hydrate_options(&self.s, true);
                 let ctx = commit::Ctx {
                     client: &self.client,
@@ -340,6 +345,7 @@ impl Daemon {
                         backoff = Duration::from_millis(500);
                         oldest = if self.idx.pending.is_empty() { None } else { Some(Instant::now()) };
                         trigger = Trigger::Edit;
+                        conflict = None;
                     }
                     Attempt::Rebased { touched, conflicts, head } => {
                         if !conflicts.is_empty() {
@@ -349,13 +355,14 @@ impl Daemon {
                                 "conflicting edits: both kept as versions"
                             );
                             self.status.add_conflicts(&conflicts, head);
+                            conflict = Some((head, conflicts));
                         }
                         dirty.paths.extend(touched);
-                        first_hint = Some(Instant::now() - self.s.max_delay);
+                        first_hint = Some(Instant::now().checked_sub(self.s.max_delay).unwrap_or_else(Instant::now));
                     }
                     Attempt::Changed(paths) => {
                         dirty.paths.extend(paths);
-                        first_hint = Some(Instant::now() - self.s.max_delay);
+                        first_hint = Some(Instant::now().checked_sub(self.s.max_delay).unwrap_or_else(Instant::now));
                     }
                     Attempt::Failed(e) => {
                         tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "commit failed; changes wait on disk");
@@ -408,7 +415,7 @@ impl Daemon {
             })
         })?;
         for d in &out.dirs_removed {
-            watcher.remove(d);
+            watcher.forget(d);
         }
         for (p, e) in &out.unreadable {
             tracing::warn!(path = %p, error = %e, "cannot read; will retry");
@@ -465,6 +472,17 @@ impl Daemon {
             tracing::warn!(error = %format!("{e:#}"), "cannot write the status file");
         }
     }
+}
+
+/// The message of a version that puts our side of a conflict on top of theirs.
+fn conflict_message(theirs: u64, paths: &[String], changes: usize) -> String {
+    let mut shown = paths.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    if paths.len() > 5 {
+        shown.push_str(&format!(" and {} more", paths.len() - 5));
+    }
+    format!(
+        "syncd: conflict with version {theirs} on {shown}: both kept, theirs in version {theirs}, ours here ({changes} paths)"
+    )
 }
 
 fn hydrate_options(s: &Settings, keep_local: bool) -> HydrateOptions {

@@ -77,7 +77,7 @@ pub fn reconcile(
         let seen: HashSet<&str> = found.iter().map(|f| f.path.as_str()).collect();
         let gone: Vec<String> = idx.local.keys().filter(|p| !seen.contains(p.as_str())).cloned().collect();
         for p in gone {
-            idx.remove_local_tree(&p);
+            out.dirs_removed.extend(idx.remove_local_tree(&p));
         }
     } else {
         let mut trees: Vec<&String> = Vec::new();
@@ -93,7 +93,7 @@ pub fn reconcile(
             .chain(dirty.paths.iter().filter(|p| !trees.iter().any(|t| *p == *t || is_below(p, t))).map(String::as_str))
         {
             match look(rules, p)? {
-                None => idx.remove_local_tree(p),
+                None => out.dirs_removed.extend(idx.remove_local_tree(p)),
                 Some(f) => {
                     let is_tree = dirty.trees.contains(p);
                     let new_dir = f.kind == EntryKind::Dir && !idx.local.contains_key(p);
@@ -103,7 +103,7 @@ pub fn reconcile(
                         // was it a directory? its contents went with it
                         let below: Vec<String> = idx.below(p).map(str::to_string).collect();
                         for b in below {
-                            idx.remove_local_tree(&b);
+                            out.dirs_removed.extend(idx.remove_local_tree(&b));
                         }
                     }
                     add_missing_parents(rules, idx, p, &mut found)?;
@@ -117,7 +117,7 @@ pub fn reconcile(
             let seen: HashSet<&str> = found[start..].iter().map(|f| f.path.as_str()).collect();
             let gone: Vec<String> = idx.below(&d).filter(|p| !seen.contains(p)).map(str::to_string).collect();
             for p in gone {
-                idx.remove_local_tree(&p);
+                out.dirs_removed.extend(idx.remove_local_tree(&p));
             }
         }
     }
@@ -153,11 +153,11 @@ pub fn reconcile(
         match r {
             Read::Done(rec) => {
                 if idx.local.get(&key).is_some_and(|old| old.entry.kind == EntryKind::Dir) {
-                    idx.remove_local_tree(&key);
+                    out.dirs_removed.extend(idx.remove_local_tree(&key));
                 }
                 idx.set_local(&key, rec);
             }
-            Read::Gone => idx.remove_local_tree(&key),
+            Read::Gone => out.dirs_removed.extend(idx.remove_local_tree(&key)),
             Read::Unstable => out.deferred.push(key),
             Read::Failed(e) => {
                 out.unreadable.push((key.clone(), e));
@@ -170,6 +170,8 @@ pub fn reconcile(
         out.dirs_added = now.difference(&had_dirs).cloned().collect();
         out.dirs_removed = had_dirs.difference(&now).cloned().collect();
     }
+    // a directory removed and found again in the same round is still there
+    out.dirs_removed.retain(|d| !idx.local.get(d).is_some_and(|r| r.entry.kind == EntryKind::Dir));
     for w in rules.warnings.drain(..) {
         tracing::warn!("{w}");
     }
@@ -189,11 +191,14 @@ fn look(rules: &mut Rules, rel: &str) -> anyhow::Result<Option<Found>> {
     if rules.is_ignored(rel, kind == EntryKind::Dir) {
         return Ok(None);
     }
-    // a parent replaced by a symlink: the path is not below the root any more
-    if let Some((parent, _)) = rel.rsplit_once('/')
-        && !fs::symlink_metadata(rules.root().join(parent)).is_ok_and(|m| m.is_dir())
-    {
-        return Ok(None);
+    // an ancestor replaced by a symlink (or a file): the path is not in the tree any more
+    let mut end = 0;
+    while let Some(i) = rel[end..].find('/') {
+        end += i;
+        if !fs::symlink_metadata(rules.root().join(&rel[..end])).is_ok_and(|m| m.is_dir()) {
+            return Ok(None);
+        }
+        end += 1;
     }
     let path =
         WsPath::new(rel.to_string()).with_context(|| format!("{}: not a valid workspace path", local.display()))?;

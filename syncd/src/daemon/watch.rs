@@ -60,10 +60,10 @@ impl Watcher {
     }
 
     /// Watches directory `rel` ("" for the root). False when the kernel is out of watches.
+    /// Always asks the kernel, even for a path watched before: the directory there may be a new
+    /// one (removed and created again, or moved in), and for a moved directory the kernel hands
+    /// back its old watch, which notify then reports under the new path.
     pub fn add(&mut self, rel: &str) -> bool {
-        if self.watched.contains(rel) {
-            return true;
-        }
         let path = if rel.is_empty() { self.root.clone() } else { self.root.join(rel) };
         match self.inner.watch(&path, RecursiveMode::NonRecursive) {
             Ok(()) => {
@@ -90,12 +90,10 @@ impl Watcher {
         }
     }
 
-    /// Stops watching `rel` (removed from the tree, or ignored now).
-    pub fn remove(&mut self, rel: &str) {
-        if self.watched.remove(rel) {
-            let path = if rel.is_empty() { self.root.clone() } else { self.root.join(rel) };
-            let _ = self.inner.unwatch(&path);
-        }
+    /// Forgets `rel` (gone from the tree). The kernel drops the watch of a deleted directory by
+    /// itself; a moved one keeps its watch under its new path, so nothing is unwatched here.
+    pub fn forget(&mut self, rel: &str) {
+        self.watched.remove(rel);
     }
 }
 
