@@ -169,7 +169,8 @@ async fn every_kind_of_edit_reaches_a_version() {
     let v0 = wait_synced(&d, &client, "edits").await;
     assert_eq!(v0, 1, "hydrating commits nothing");
 
-    let steps: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+    type Step = Box<dyn Fn(&Path)>;
+    let steps: Vec<(&str, Step)> = vec![
         ("edit", Box::new(|d| write(d, "README.md", "hello again\n"))),
         ("create", Box::new(|d| write(d, "src/new.rs", "// new\n"))),
         ("delete", Box::new(|d| std::fs::remove_file(d.join("src/lib/util.rs")).expect("rm"))),
@@ -308,7 +309,7 @@ async fn kill_9_mid_commit_and_offline_edits_lose_nothing() {
         write(&dir, &format!("burst/f{i}.txt"), &format!("{i}\n"));
     }
     let deadline = Instant::now() + WAIT;
-    while !d.status().is_some_and(|s| s.state == "committing") && Instant::now() < deadline {
+    while d.status().is_none_or(|s| s.state != "committing") && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     d.kill9();
