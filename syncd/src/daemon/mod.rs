@@ -40,6 +40,8 @@ pub const DEFAULT_MAX_DELAY_MS: u64 = 1000;
 pub const DEFAULT_RESCAN_SECS: u64 = 300;
 /// Longest wait between retries while the gateway is unreachable.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Full reconciliations this often while the kernel is out of inotify watches.
+const EXHAUSTED_RESCAN: Duration = Duration::from_secs(10);
 /// How long a shutdown waits for the last commit.
 const SHUTDOWN_COMMIT: Duration = Duration::from_secs(15);
 /// A batch of at least this many paths is called a burst in its version's message.
@@ -285,7 +287,9 @@ impl Daemon {
             }
             let now = Instant::now();
             if now >= next_rescan {
-                next_rescan = now + self.s.rescan;
+                // without enough inotify watches, scans are the only way changes are found
+                let every = if watcher.exhausted { self.s.rescan.min(EXHAUSTED_RESCAN) } else { self.s.rescan };
+                next_rescan = now + every;
                 if !dirty.full {
                     dirty.full = true;
                     trigger = Trigger::Periodic;

@@ -96,7 +96,8 @@ pub fn reconcile(
                 None => out.dirs_removed.extend(idx.remove_local_tree(p)),
                 Some(f) => {
                     let is_tree = dirty.trees.contains(p);
-                    let new_dir = f.kind == EntryKind::Dir && !idx.local.contains_key(p);
+                    let new_dir =
+                        f.kind == EntryKind::Dir && !idx.local.get(p).is_some_and(|r| r.entry.kind == EntryKind::Dir);
                     if f.kind == EntryKind::Dir && (is_tree || new_dir) {
                         walk_below.push(p.to_string());
                     } else if f.kind != EntryKind::Dir {
@@ -286,4 +287,150 @@ fn read_stable(f: &Found) -> Read {
         before = after;
     }
     Read::Unstable
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::daemon::index::INDEX_FILE;
+
+    fn local_entries(idx: &Index) -> Vec<Entry> {
+        idx.local.values().map(|r| r.entry.clone()).collect()
+    }
+
+    fn write(root: &std::path::Path, rel: &str, body: &str) {
+        let p = root.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, body).unwrap();
+    }
+
+    fn dirty(paths: &[&str], trees: &[&str]) -> Dirty {
+        Dirty {
+            paths: paths.iter().map(|s| s.to_string()).collect(),
+            trees: trees.iter().map(|s| s.to_string()).collect(),
+            full: false,
+        }
+    }
+
+    /// Hints for exactly the paths an edit touched bring the index to what a full scan sees.
+    #[test]
+    fn hinted_rounds_end_equal_to_a_full_scan() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("t");
+        write(&root, "a/one.txt", "1");
+        write(&root, "a/b/two.txt", "2");
+        write(&root, "keep.txt", "k");
+        let (mut idx, _) = Index::open(&tmp.path().join(INDEX_FILE)).unwrap();
+        let mut rules = Rules::new(&root);
+        let mut watched = Vec::new();
+        let full = Dirty { full: true, ..Dirty::default() };
+        let out = reconcile(&mut rules, &mut idx, full, &mut |d| watched.push(d.to_string())).unwrap();
+        assert_eq!(out.hashed, 3);
+        assert_eq!(watched, ["", "a", "a/b"]);
+        assert_eq!(local_entries(&idx), crate::scan::scan(&root).unwrap().entries);
+
+        // edit, create in a new directory, move a directory, add a symlink, an ignored file
+        write(&root, "keep.txt", "changed");
+        write(&root, "new/deep/x.txt", "x");
+        fs::rename(root.join("a"), root.join("moved")).unwrap();
+        symlink("keep.txt", root.join("link")).unwrap();
+        write(&root, "notes.txt~", "backup");
+        let d = dirty(&["keep.txt", "link", "notes.txt~"], &["new", "a", "moved"]);
+        let out = reconcile(&mut rules, &mut idx, d, &mut |_| {}).unwrap();
+        assert_eq!(local_entries(&idx), crate::scan::scan(&root).unwrap().entries);
+        assert!(out.dirs_removed.contains(&"a/b".to_string()), "{out:?}");
+        assert!(out.dirs_added.contains(&"moved/b".to_string()), "{out:?}");
+
+        // a file replaced by a directory, a directory replaced by a symlink
+        fs::remove_file(root.join("keep.txt")).unwrap();
+        write(&root, "keep.txt/inside", "i");
+        fs::remove_dir_all(root.join("new")).unwrap();
+        symlink("moved", root.join("new")).unwrap();
+        let d = dirty(&["keep.txt", "new", "new/deep/x.txt"], &[]);
+        reconcile(&mut rules, &mut idx, d, &mut |_| {}).unwrap();
+        assert_eq!(local_entries(&idx), crate::scan::scan(&root).unwrap().entries);
+
+        // unchanged files are not read again by a full round once their records are older than
+        // the racy window (as if the files had been read a while after their last write)
+        let paths: Vec<String> = idx.local.keys().cloned().collect();
+        for p in paths {
+            let mut r = idx.local[&p].clone();
+            r.read_at_ns += 2 * crate::daemon::index::RACY_NS;
+            idx.set_local(&p, r);
+        }
+        let out = reconcile(&mut rules, &mut idx, Dirty { full: true, ..Dirty::default() }, &mut |_| {}).unwrap();
+        assert_eq!(out.hashed, 0, "{out:?}");
+        // ...but a rewrite that keeps size and mtime is caught while its record is racy
+        write(&root, "moved/one.txt", "9");
+        let out = reconcile(&mut rules, &mut idx, dirty(&["moved/one.txt"], &[]), &mut |_| {}).unwrap();
+        assert_eq!(out.hashed, 1);
+        assert_eq!(local_entries(&idx), crate::scan::scan(&root).unwrap().entries);
+    }
+
+    /// A file rewritten without pause is never recorded with content it never held.
+    #[test]
+    fn a_file_changing_while_read_is_never_recorded_torn() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("busy");
+        let body = |k: u8| vec![k; (256 << 10) + k as usize * 512];
+        fs::write(&path, body(0)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (path, stop) = (path.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut k = 1u8;
+                let mut f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    // over the old bytes in place: a reader can see the start of one body and
+                    // the end of another
+                    use std::io::{Seek, Write};
+                    f.rewind().unwrap();
+                    f.write_all(&body(k)).unwrap();
+                    f.set_len(body(k).len() as u64).unwrap();
+                    k = k.wrapping_add(1);
+                }
+            })
+        };
+        // every body, and the empty file between a truncation and its write (a state the file
+        // really had): anything else would be a mix of two writes
+        let mut valid: std::collections::HashMap<ContentHash, u64> =
+            (0..=255u8).map(|k| (ContentHash::of(&body(k)), body(k).len() as u64)).collect();
+        valid.insert(ContentHash::of(b""), 0);
+        let (mut done, mut unstable) = (0, 0);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let f = Found {
+                path: WsPath::new("busy".to_string()).unwrap(),
+                local: path.clone(),
+                kind: EntryKind::File,
+                mode: 0o644,
+                stat: Stat::of(&meta),
+            };
+            match read_stable(&f) {
+                Read::Done(rec) => {
+                    let h = rec.entry.hash.unwrap();
+                    assert_eq!(valid.get(&h), Some(&rec.entry.size), "recorded a torn read");
+                    seen.insert(h);
+                    done += 1;
+                }
+                Read::Unstable => unstable += 1,
+                Read::Gone => {}
+                Read::Failed(e) => panic!("{e}"),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        // the reads really raced the writer: they saw it change, between reads or during one
+        assert!(
+            seen.len() > 10 || unstable > 0,
+            "{done} reads, {} contents, {unstable} unstable: {:?}",
+            seen.len(),
+            seen.iter().map(|h| valid[h]).collect::<Vec<_>>()
+        );
+    }
 }
