@@ -13,6 +13,8 @@ async fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,podfs_syncd::daemon=info")),
         )
         .with_writer(std::io::stderr)
+        // colours only for a terminal: a daemon's log usually goes to a file or a journal
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     podfs_syncd::run(std::env::args_os()).await

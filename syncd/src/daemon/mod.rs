@@ -557,3 +557,70 @@ fn dir_is_empty(dir: &Path) -> anyhow::Result<bool> {
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(dir: &str) -> SyncdArgs {
+        SyncdArgs {
+            workspace: None,
+            dir: PathBuf::from(dir),
+            quiet_ms: None,
+            max_delay_ms: None,
+            rescan_secs: None,
+            cache_dir: Some(PathBuf::from("/tmp/cache")),
+            author: None,
+            adopt: false,
+            config: None,
+        }
+    }
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("syncd.toml");
+        std::fs::write(
+            &file,
+            "workspace = \"from-file\"\nquiet_ms = 250\nrescan_secs = 60\ngateway = \"http://gw:1\"\n",
+        )
+        .unwrap();
+        let mut a = args("/work/w");
+        a.config = Some(file.clone());
+        a.quiet_ms = Some(50);
+        let s = Settings::resolve(a, None, Some("tok".into())).unwrap();
+        assert_eq!(s.workspace, "from-file");
+        assert_eq!(s.quiet, Duration::from_millis(50), "the flag wins");
+        assert_eq!(s.rescan, Duration::from_secs(60), "the file fills what flags left");
+        assert_eq!(s.max_delay, Duration::from_millis(DEFAULT_MAX_DELAY_MS));
+        assert_eq!(s.gateway, "http://gw:1");
+        assert_eq!(s.token.as_deref(), Some("tok"));
+        assert!(s.author.starts_with("syncd@"));
+
+        let mut a = args("/work/w");
+        a.config = Some(file);
+        let s = Settings::resolve(a, Some("http://flag:2".into()), None).unwrap();
+        assert_eq!((s.gateway.as_str(), s.quiet), ("http://flag:2", Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let err = Settings::resolve(args("/w"), None, None).unwrap_err().to_string();
+        assert!(err.contains("--workspace"), "{err}");
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("bad.toml");
+        std::fs::write(&file, "workspace = \"w\"\nquiet = 3\n").unwrap();
+        let mut a = args("/w");
+        a.config = Some(file);
+        let err = format!("{:#}", Settings::resolve(a, None, None).unwrap_err());
+        assert!(err.contains("bad.toml") && err.contains("quiet"), "{err}");
+    }
+
+    #[test]
+    fn conflict_messages_name_both_sides() {
+        let m = conflict_message(7, &["a".into(), "b".into()], 3);
+        assert!(m.contains("conflict with version 7 on a, b") && m.contains("both kept"), "{m}");
+        let many: Vec<String> = (0..8).map(|i| format!("p{i}")).collect();
+        assert!(conflict_message(7, &many, 8).contains("and 3 more"));
+    }
+}
