@@ -146,10 +146,10 @@ pub fn walk(
             let item = item.with_context(|| format!("cannot read {}", dir_local.display()))?;
             let local = item.path();
             let Some(name) = item.file_name().to_str().map(str::to_string) else {
-                bail!(
-                    "{}: the name is not valid UTF-8; podfs stores only UTF-8 names (rename it or add it to {IGNORE_FILE})",
-                    local.display()
-                );
+                // not representable as a workspace path: the caller decides (push refuses)
+                tracing::warn!(path = %local.display(), "skipping: the name is not valid UTF-8");
+                skipped.push(local);
+                continue;
             };
             let rel = if dir.is_empty() { name } else { format!("{dir}/{name}") };
             let meta = match fs::symlink_metadata(&local) {
@@ -197,6 +197,13 @@ pub fn scan(root: &Path) -> anyhow::Result<LocalTree> {
     let mut skipped = Vec::new();
     let mut rules = Rules::new(root);
     walk(&mut rules, "", &mut found, &mut skipped, &mut |_| {})?;
+    // skipping a name would delete it from the workspace: refuse instead
+    if let Some(bad) = skipped.iter().find(|p| p.file_name().is_some_and(|n| n.to_str().is_none())) {
+        bail!(
+            "{}: the name is not valid UTF-8; podfs stores only UTF-8 names (rename it or add it to {IGNORE_FILE})",
+            bad.display()
+        );
+    }
     for w in &rules.warnings {
         tracing::warn!("{w}");
     }

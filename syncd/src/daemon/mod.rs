@@ -40,6 +40,8 @@ pub const DEFAULT_MAX_DELAY_MS: u64 = 1000;
 pub const DEFAULT_RESCAN_SECS: u64 = 300;
 /// Longest wait between retries while the gateway is unreachable.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A failed reconciliation is retried (as a full one) after this long.
+const RECONCILE_RETRY: Duration = Duration::from_secs(5);
 /// Full reconciliations this often while the kernel is out of inotify watches.
 const EXHAUSTED_RESCAN: Duration = Duration::from_secs(10);
 /// How long a shutdown waits for the last commit.
@@ -302,7 +304,16 @@ impl Daemon {
                 }
                 let batch = std::mem::take(&mut dirty);
                 first_hint = None;
-                let deferred = self.reconcile(batch, &mut watcher)?;
+                let deferred = match self.reconcile(batch, &mut watcher) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        // an unreadable directory, a full disk...: try the whole tree again soon
+                        tracing::warn!(error = %format!("{e:#}"), "cannot reconcile; retrying with a full scan");
+                        self.status.last_error = Some(format!("{e:#}"));
+                        next_rescan = Instant::now() + RECONCILE_RETRY;
+                        Vec::new()
+                    }
+                };
                 if !deferred.is_empty() {
                     dirty.paths.extend(deferred);
                     first_hint = Some(Instant::now());

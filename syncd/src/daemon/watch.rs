@@ -117,8 +117,7 @@ fn hints(root: &Path, res: notify::Result<notify::Event>) -> Vec<Hint> {
     for p in &event.paths {
         let Ok(rel) = p.strip_prefix(root) else { continue };
         let Some(rel) = rel.to_str() else {
-            // a non-UTF-8 name: the scan reports it
-            out.push(Hint::Rescan(format!("a name that is not UTF-8: {}", p.display())));
+            // not a workspace path: walks skip it too (with a warning)
             continue;
         };
         if rel.is_empty() || rel == STATE_DIR || rel.starts_with(&format!("{STATE_DIR}/")) {
