@@ -157,16 +157,54 @@ async fn seeded(gw: &TestGateway, ws: &str, scratch: &Path) -> Client {
     client
 }
 
+/// A gateway on fresh PostgreSQL + S3 holding a seeded workspace, and a scratch directory.
+struct World {
+    gw: TestGateway,
+    db: podfs_testnet::services::TestDb,
+    tmp: tempfile::TempDir,
+    client: Client,
+    ws: &'static str,
+    /// Where syncd runs.
+    dir: PathBuf,
+}
+
+impl World {
+    async fn new(ws: &'static str) -> Self {
+        let (gw, db, _) = TestGateway::on_fresh_services().await;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let client = seeded(&gw, ws, tmp.path()).await;
+        let dir = tmp.path().join("work");
+        Self { gw, db, tmp, client, ws, dir }
+    }
+
+    /// Starts syncd on `dir` through `gateway` and waits until it watches.
+    async fn syncd_via(&self, gateway: &str) -> Syncd {
+        let mut d = Syncd::start(gateway, self.ws, &self.dir, self.tmp.path());
+        d.wait_watching().await;
+        d
+    }
+
+    async fn syncd(&self) -> Syncd {
+        self.syncd_via(&self.gw.url).await
+    }
+
+    async fn synced(&self, d: &Syncd) -> u64 {
+        wait_synced(d, &self.client, self.ws).await
+    }
+
+    async fn finish(self) {
+        self.gw.stop().await.expect("stop");
+        self.db.cleanup().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_kind_of_edit_reaches_a_version() {
-    let (gw, db, _) = TestGateway::on_fresh_services().await;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let client = seeded(&gw, "edits", tmp.path()).await;
-    let dir = tmp.path().join("work");
-    let mut d = Syncd::start(&gw.url, "edits", &dir, tmp.path());
-    d.wait_watching().await;
+    let w = World::new("edits").await;
+    let (client, dir) = (&w.client, &w.dir);
+    let d = w.syncd().await;
     assert_eq!(std::fs::read_to_string(dir.join("README.md")).expect("hydrated"), "hello\n");
-    let v0 = wait_synced(&d, &client, "edits").await;
+    let v0 = w.synced(&d).await;
     assert_eq!(v0, 1, "hydrating commits nothing");
 
     type Step = Box<dyn Fn(&Path)>;
@@ -197,54 +235,49 @@ async fn every_kind_of_edit_reaches_a_version() {
     ];
     let mut last = v0;
     for (name, step) in steps {
-        step(&dir);
-        let v = wait_synced(&d, &client, "edits").await;
+        step(dir);
+        let v = w.synced(&d).await;
         assert!(v > last, "{name}: no new version (head {v})");
         last = v;
     }
-    let (_, head) = head_tree(&client, "edits").await;
+    let (_, head) = head_tree(client, "edits").await;
     let paths: Vec<&str> = head.iter().map(|e| e.path.as_str()).collect();
     assert!(paths.contains(&"kept.txt") && !paths.contains(&"debug.log") && !paths.contains(&".README.md.swp"));
     let link = head.iter().find(|e| e.path.as_str() == "link").expect("link");
     assert_eq!((link.kind, link.hash), (EntryKind::Symlink, Some(ContentHash::of(b"src/main.rs"))));
-    let newest = &versions(&client, "edits").await[0];
+    let newest = &versions(client, "edits").await[0];
     assert!(newest.message.starts_with("syncd: "), "{newest:?}");
     assert!(newest.author.starts_with("syncd@"), "{newest:?}");
 
     // podfs status reads the daemon's state
-    let (ok, out) = gw.cli(&["--json", "status", dir.to_str().expect("utf-8")]).await;
+    let (ok, out) = w.gw.cli(&["--json", "status", dir.to_str().expect("utf-8")]).await;
     assert!(ok, "{out}");
     let s: Status = serde_json::from_str(&out).expect("status json");
     assert_eq!((s.state.as_str(), s.head_version, s.pending_changes), ("watching", last, 0));
     assert!(s.last_commit.is_some_and(|c| c.version == last));
 
     d.stop();
-    let (ok, out) = gw.cli(&["--json", "status", dir.to_str().expect("utf-8")]).await;
+    let (ok, out) = w.gw.cli(&["--json", "status", dir.to_str().expect("utf-8")]).await;
     assert!(ok && out.contains("\"stopped\""), "{out}");
-    gw.stop().await.expect("stop");
-    db.cleanup().await;
+    w.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_of_10000_files_makes_few_versions() {
-    let (gw, db, _) = TestGateway::on_fresh_services().await;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let client = seeded(&gw, "burst", tmp.path()).await;
-    let dir = tmp.path().join("work");
-    let mut d = Syncd::start(&gw.url, "burst", &dir, tmp.path());
-    d.wait_watching().await;
-    let v0 = wait_synced(&d, &client, "burst").await;
+    let w = World::new("burst").await;
+    let (client, dir) = (&w.client, &w.dir);
+    let d = w.syncd().await;
+    let v0 = w.synced(&d).await;
     for i in 0..10_000 {
-        write(&dir, &format!("node_modules/pkg{}/file{i}.js", i % 100), &format!("module.exports = {i};\n"));
+        write(dir, &format!("node_modules/pkg{}/file{i}.js", i % 100), &format!("module.exports = {i};\n"));
     }
-    let v1 = wait_synced(&d, &client, "burst").await;
+    let v1 = w.synced(&d).await;
     let made = v1 - v0;
     assert!((1..=30).contains(&made), "the burst made {made} versions");
-    let newest = &versions(&client, "burst").await[0];
+    let newest = &versions(client, "burst").await[0];
     assert!(newest.message.contains("burst") || made > 1, "{newest:?}");
     d.stop();
-    gw.stop().await.expect("stop");
-    db.cleanup().await;
+    w.finish().await;
 }
 
 /// Sets `fs.inotify.max_queued_events` for the life of the guard (read when an inotify
@@ -269,44 +302,36 @@ impl Drop for QueueLimit {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_overflowed_event_queue_still_ends_equal_to_disk() {
-    let (gw, db, _) = TestGateway::on_fresh_services().await;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let client = seeded(&gw, "overflow", tmp.path()).await;
-    let dir = tmp.path().join("work");
+    let w = World::new("overflow").await;
+    let dir = &w.dir;
     let mut d = {
         let _small = QueueLimit::set(16);
-        let mut d = Syncd::start(&gw.url, "overflow", &dir, tmp.path());
-        d.wait_watching().await;
-        d
+        w.syncd().await
     };
-    wait_synced(&d, &client, "overflow").await;
+    w.synced(&d).await;
     for i in 0..3000 {
-        write(&dir, &format!("gen/d{}/f{i}.txt", i % 30), &format!("{i}\n"));
+        write(dir, &format!("gen/d{}/f{i}.txt", i % 30), &format!("{i}\n"));
     }
     std::fs::remove_file(dir.join("README.md")).expect("rm");
-    wait_synced(&d, &client, "overflow").await;
+    w.synced(&d).await;
     d.wait_watching().await;
     assert!(d.log().contains("overflowed"), "no overflow was seen:\n{}", d.log());
     d.stop();
-    gw.stop().await.expect("stop");
-    db.cleanup().await;
+    w.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_mid_commit_and_offline_edits_lose_nothing() {
-    let (gw, db, _) = TestGateway::on_fresh_services().await;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let client = seeded(&gw, "crash", tmp.path()).await;
-    let dir = tmp.path().join("work");
-    let mut d = Syncd::start(&gw.url, "crash", &dir, tmp.path());
-    d.wait_watching().await;
-    wait_synced(&d, &client, "crash").await;
-    write(&dir, "acknowledged.txt", "saved before the crash");
-    let acked = wait_synced(&d, &client, "crash").await;
+    let w = World::new("crash").await;
+    let (client, dir) = (&w.client, &w.dir);
+    let d = w.syncd().await;
+    w.synced(&d).await;
+    write(dir, "acknowledged.txt", "saved before the crash");
+    let acked = w.synced(&d).await;
 
     // a burst, and kill -9 while it is being committed
     for i in 0..3000 {
-        write(&dir, &format!("burst/f{i}.txt"), &format!("{i}\n"));
+        write(dir, &format!("burst/f{i}.txt"), &format!("{i}\n"));
     }
     let deadline = Instant::now() + WAIT;
     while d.status().is_none_or(|s| s.state != "committing") && Instant::now() < deadline {
@@ -314,49 +339,43 @@ async fn kill_9_mid_commit_and_offline_edits_lose_nothing() {
     }
     d.kill9();
     // edits while no daemon runs
-    write(&dir, "offline.txt", "written while syncd was down");
-    write(&dir, "README.md", "changed offline\n");
+    write(dir, "offline.txt", "written while syncd was down");
+    write(dir, "README.md", "changed offline\n");
     std::fs::remove_dir_all(dir.join("src/lib")).expect("rm -r");
 
-    let mut d = Syncd::start(&gw.url, "crash", &dir, tmp.path());
-    d.wait_watching().await;
-    let head = wait_synced(&d, &client, "crash").await;
+    let d = w.syncd().await;
+    let head = w.synced(&d).await;
     assert!(head > acked);
     // the acknowledged save is in its version, byte for byte
-    let pulled = tmp.path().join("acked");
-    podfs_syncd::pull(&client, "crash", VersionRef::Number(acked), &pulled, Default::default()).await.expect("pull");
+    let pulled = w.tmp.path().join("acked");
+    podfs_syncd::pull(client, "crash", VersionRef::Number(acked), &pulled, Default::default()).await.expect("pull");
     assert_eq!(std::fs::read_to_string(pulled.join("acknowledged.txt")).expect("read"), "saved before the crash");
     d.stop();
-    gw.stop().await.expect("stop");
-    db.cleanup().await;
+    w.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn changes_wait_while_the_gateway_is_down() {
-    let (gw, db, _) = TestGateway::on_fresh_services().await;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let client = seeded(&gw, "outage", tmp.path()).await;
-    let proxy = FaultProxy::start(gw.config.listen).await.expect("proxy");
-    let dir = tmp.path().join("work");
-    let mut d = Syncd::start(&proxy.http_url(), "outage", &dir, tmp.path());
-    d.wait_watching().await;
-    let before = wait_synced(&d, &client, "outage").await;
+    let w = World::new("outage").await;
+    let (client, dir) = (&w.client, &w.dir);
+    let proxy = FaultProxy::start(w.gw.config.listen).await.expect("proxy");
+    let d = w.syncd_via(&proxy.http_url()).await;
+    let before = w.synced(&d).await;
 
     proxy.set_down(true);
-    write(&dir, "during-outage.txt", "one");
-    write(&dir, "src/main.rs", "fn main() { /* edited during the outage */ }\n");
+    write(dir, "during-outage.txt", "one");
+    write(dir, "src/main.rs", "fn main() { /* edited during the outage */ }\n");
     let deadline = Instant::now() + WAIT;
     while !d.status().is_some_and(|s| s.state == "offline" && s.last_error.is_some()) {
         assert!(Instant::now() < deadline, "syncd never noticed the outage: {:?}", d.status());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(client.workspace("outage").await.expect("ws").head, before, "nothing committed while down");
-    write(&dir, "during-outage.txt", "two");
+    write(dir, "during-outage.txt", "two");
     proxy.set_down(false);
-    wait_synced(&d, &client, "outage").await;
+    w.synced(&d).await;
     d.stop();
-    gw.stop().await.expect("stop");
-    db.cleanup().await;
+    w.finish().await;
 }
 
 /// Commits `path` = `body` as another writer would.
@@ -382,24 +401,21 @@ async fn other_writer(client: &Client, ws: &str, path: &str, body: &str) -> u64 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_writers_rebase_disjoint_paths_and_keep_both_sides_of_a_conflict() {
-    let (gw, db, _) = TestGateway::on_fresh_services().await;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let client = seeded(&gw, "two", tmp.path()).await;
-    let dir = tmp.path().join("work");
-    let mut d = Syncd::start(&gw.url, "two", &dir, tmp.path());
-    d.wait_watching().await;
-    wait_synced(&d, &client, "two").await;
+    let w = World::new("two").await;
+    let (client, dir) = (&w.client, &w.dir);
+    let d = w.syncd().await;
+    w.synced(&d).await;
 
     // disjoint: the other writer adds theirs.txt, we edit README.md
-    other_writer(&client, "two", "theirs.txt", "from the other writer").await;
-    write(&dir, "README.md", "ours\n");
-    wait_synced(&d, &client, "two").await;
+    other_writer(client, "two", "theirs.txt", "from the other writer").await;
+    write(dir, "README.md", "ours\n");
+    w.synced(&d).await;
     assert_eq!(std::fs::read_to_string(dir.join("theirs.txt")).expect("rebased onto disk"), "from the other writer");
 
     // overlapping: both change src/main.rs
-    let theirs = other_writer(&client, "two", "src/main.rs", "their main\n").await;
-    write(&dir, "src/main.rs", "our main\n");
-    let head = wait_synced(&d, &client, "two").await;
+    let theirs = other_writer(client, "two", "src/main.rs", "their main\n").await;
+    write(dir, "src/main.rs", "our main\n");
+    let head = w.synced(&d).await;
     assert!(head > theirs);
     assert_eq!(std::fs::read_to_string(dir.join("src/main.rs")).expect("read"), "our main\n");
     let file = client
@@ -415,22 +431,20 @@ async fn two_writers_rebase_disjoint_paths_and_keep_both_sides_of_a_conflict() {
         s.conflicts.iter().any(|c| c.path == "src/main.rs" && c.their_version == theirs && c.our_version == Some(head)),
         "{s:?}"
     );
-    let newest = &versions(&client, "two").await[0];
+    let newest = &versions(client, "two").await[0];
     assert!(newest.message.contains("conflict"), "{newest:?}");
     d.stop();
-    gw.stop().await.expect("stop");
-    db.cleanup().await;
+    w.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restore_brings_back_an_old_version_and_log_lists_a_path() {
-    let (gw, db, _) = TestGateway::on_fresh_services().await;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let client = seeded(&gw, "back", tmp.path()).await;
-    let src = tmp.path().join("seed");
+    let w = World::new("back").await;
+    let (client, gw) = (&w.client, &w.gw);
+    let src = w.tmp.path().join("seed");
     write(&src, "README.md", "second\n");
     std::fs::remove_dir_all(src.join("src/lib")).expect("rm");
-    push(&client, "back", &src, PushOptions::default()).await.expect("push v2");
+    push(client, "back", &src, PushOptions::default()).await.expect("push v2");
     let (ok, out) = gw.cli(&["restore", "back", "1"]).await;
     assert!(ok, "{out}");
     assert!(out.contains("version 3 restores version 1"), "{out}");
@@ -442,6 +456,5 @@ async fn restore_brings_back_an_old_version_and_log_lists_a_path() {
     assert_eq!(out.lines().count(), 3, "three revisions of README.md: {out}");
     let (ok, out) = gw.cli(&["restore", "back", "9"]).await;
     assert!(!ok && out.is_empty());
-    gw.stop().await.expect("stop");
-    db.cleanup().await;
+    w.finish().await;
 }

@@ -332,15 +332,7 @@ impl Daemon {
                     Some((theirs, paths)) => conflict_message(*theirs, paths, changes),
                     None => format!("syncd: {} ({changes} paths)", trigger.name(changes)),
                 };
-                let hopts = hydrate_options(&self.s, true);
-                let ctx = commit::Ctx {
-                    client: &self.client,
-                    root: &self.s.dir,
-                    author: &self.s.author,
-                    cache: &self.cache,
-                    hydrate: &hopts,
-                };
-                match commit::commit(&ctx, &mut self.idx, message).await {
+                match self.commit_once(message).await {
                     Attempt::Committed { version, changes } => {
                         let latency = oldest.map_or(Duration::ZERO, |o| o.elapsed());
                         tracing::info!(version, changes, latency_ms = latency.as_millis() as u64, "committed");
@@ -391,6 +383,19 @@ impl Daemon {
                 self.write_status("watching", &watcher);
             }
         }
+    }
+
+    /// One commit attempt of what is pending.
+    async fn commit_once(&mut self, message: String) -> Attempt {
+        let hopts = hydrate_options(&self.s, true);
+        let ctx = commit::Ctx {
+            client: &self.client,
+            root: &self.s.dir,
+            author: &self.s.author,
+            cache: &self.cache,
+            hydrate: &hopts,
+        };
+        commit::commit(&ctx, &mut self.idx, message).await
     }
 
     /// Folds one hint into the dirty set.
@@ -456,15 +461,7 @@ impl Daemon {
         if !self.idx.pending.is_empty() {
             let changes = self.idx.pending.len();
             let message = format!("syncd: {} ({changes} paths)", trigger.name(changes));
-            let hopts = hydrate_options(&self.s, true);
-            let ctx = commit::Ctx {
-                client: &self.client,
-                root: &self.s.dir,
-                author: &self.s.author,
-                cache: &self.cache,
-                hydrate: &hopts,
-            };
-            let attempt = tokio::time::timeout(SHUTDOWN_COMMIT, commit::commit(&ctx, &mut self.idx, message)).await;
+            let attempt = tokio::time::timeout(SHUTDOWN_COMMIT, self.commit_once(message)).await;
             match attempt {
                 Ok(Attempt::Committed { version, changes }) => tracing::info!(version, changes, "committed"),
                 _ => tracing::warn!(
