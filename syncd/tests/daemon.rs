@@ -458,3 +458,32 @@ async fn restore_brings_back_an_old_version_and_log_lists_a_path() {
     assert!(!ok && out.is_empty());
     w.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_name_that_is_not_utf8_is_skipped_and_the_rest_still_syncs() {
+    use std::os::unix::ffi::OsStrExt;
+    let w = World::new("names").await;
+    let d = w.syncd().await;
+    w.synced(&d).await;
+    let bad = w.dir.join(std::ffi::OsStr::from_bytes(b"bad\xffname.txt"));
+    std::fs::write(&bad, "not a workspace path").expect("write");
+    write(&w.dir, "good.txt", "still synced");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, head) = head_tree(&w.client, "names").await;
+        if head.iter().any(|e| e.path.as_str() == "good.txt") {
+            assert!(head.iter().all(|e| !e.path.as_str().starts_with("bad")), "{head:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "good.txt never reached head:\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(d.status().is_some_and(|s| s.state == "watching" && s.pending_changes == 0), "{:?}", d.status());
+    // a full reconciliation (as at a restart) skips it too
+    d.stop();
+    let d = w.syncd().await;
+    assert!(d.log().contains("not valid UTF-8"), "{}", d.log());
+    assert_eq!(d.status().map(|s| s.pending_changes), Some(0));
+    d.stop();
+    w.finish().await;
+}
