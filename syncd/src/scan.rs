@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -157,29 +156,52 @@ pub fn walk(
                 Err(e) if gone(&e) => continue,
                 Err(e) => return Err(e).with_context(|| format!("cannot stat {}", local.display())),
             };
-            let Some(kind) = kind_of(meta.file_type()) else {
-                if !rules.is_ignored(&rel, false) {
+            match classify(rules, rel, local, &meta)? {
+                Looked::Keep(f) => {
+                    if f.kind == EntryKind::Dir {
+                        stack.push(f.path.as_str().to_string());
+                    }
+                    found.push(f);
+                }
+                Looked::Unsupported(local) => {
                     tracing::warn!(path = %local.display(), "skipping: not a file, directory or symlink");
                     skipped.push(local);
                 }
-                continue;
-            };
-            if rules.is_ignored(&rel, kind == EntryKind::Dir) {
-                continue;
+                Looked::Ignored => {}
             }
-            let path =
-                WsPath::new(rel.clone()).with_context(|| format!("{}: not a valid workspace path", local.display()))?;
-            let mode = match kind {
-                EntryKind::Symlink => SYMLINK_MODE,
-                _ => meta.permissions().mode() & MODE_MASK,
-            };
-            if kind == EntryKind::Dir {
-                stack.push(rel);
-            }
-            found.push(Found { path, local, kind, mode, stat: Stat::of(&meta) });
         }
     }
     Ok(())
+}
+
+/// What a walk makes of one path.
+pub enum Looked {
+    Keep(Found),
+    /// Excluded by the rules.
+    Ignored,
+    /// A socket, FIFO or device (not ignored).
+    Unsupported(PathBuf),
+}
+
+/// Classifies the workspace path `rel` (at `local`) from its `lstat` metadata, by the rules.
+pub fn classify(rules: &mut Rules, rel: String, local: PathBuf, meta: &fs::Metadata) -> anyhow::Result<Looked> {
+    let Some(kind) = kind_of(meta.file_type()) else {
+        return Ok(if rules.is_ignored(&rel, false) { Looked::Ignored } else { Looked::Unsupported(local) });
+    };
+    if rules.is_ignored(&rel, kind == EntryKind::Dir) {
+        return Ok(Looked::Ignored);
+    }
+    let path = WsPath::new(rel).with_context(|| format!("{}: not a valid workspace path", local.display()))?;
+    let stat = Stat::of(meta);
+    Ok(Looked::Keep(Found { path, local, kind, mode: mode_of(kind, stat.mode), stat }))
+}
+
+/// The permission bits an entry of `kind` records for a full `st_mode`.
+pub fn mode_of(kind: EntryKind, st_mode: u32) -> u32 {
+    match kind {
+        EntryKind::Symlink => SYMLINK_MODE,
+        _ => st_mode & MODE_MASK,
+    }
 }
 
 /// The path (or a parent) disappeared or stopped being a directory while we looked.
@@ -263,7 +285,7 @@ pub fn hash_file(path: &Path) -> io::Result<(ContentHash, u64)> {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::symlink;
+    use std::os::unix::fs::{PermissionsExt, symlink};
 
     use super::*;
 

@@ -14,12 +14,12 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use podfs_protocol::{ContentHash, Entry, EntryKind, WsPath};
+use podfs_protocol::{ContentHash, Entry, EntryKind};
 use rayon::prelude::*;
 
 use super::index::{Index, Rec};
 use crate::rules::Rules;
-use crate::scan::{self, Found, Stat};
+use crate::scan::{self, Found, Looked, Stat};
 
 /// Reads of one file before it counts as unstable for this round.
 const STABLE_TRIES: usize = 4;
@@ -90,12 +90,14 @@ pub fn reconcile(
             }
         }
         let mut walk_below: Vec<String> = Vec::new();
+        // ancestors found to be real directories, and paths queued in `found`, this round
+        let (mut dirs_ok, mut queued) = (HashSet::new(), HashSet::new());
         for p in trees
             .iter()
             .map(|t| t.as_str())
             .chain(dirty.paths.iter().filter(|p| !trees.iter().any(|t| *p == *t || is_below(p, t))).map(String::as_str))
         {
-            match look(rules, p)? {
+            match look(rules, p, &mut dirs_ok)? {
                 None => out.dirs_removed.extend(idx.remove_local_tree(p)),
                 Some(f) => {
                     let is_tree = dirty.trees.contains(p);
@@ -110,8 +112,10 @@ pub fn reconcile(
                             out.dirs_removed.extend(idx.remove_local_tree(&b));
                         }
                     }
-                    add_missing_parents(rules, idx, p, &mut found)?;
-                    found.push(f);
+                    add_missing_parents(rules, idx, p, &mut found, (&mut dirs_ok, &mut queued))?;
+                    if queued.insert(p.to_string()) {
+                        found.push(f);
+                    }
                 }
             }
         }
@@ -183,47 +187,49 @@ pub fn reconcile(
 }
 
 /// `rel` and its metadata as a walk would give it; `None` when it is gone, ignored, below an
-/// ignored directory, or of an unsupported kind.
-fn look(rules: &mut Rules, rel: &str) -> anyhow::Result<Option<Found>> {
+/// ignored directory or a symlink, or of an unsupported kind. `dirs_ok` holds ancestors already
+/// found to be real directories this round (each is checked once).
+fn look(rules: &mut Rules, rel: &str, dirs_ok: &mut HashSet<String>) -> anyhow::Result<Option<Found>> {
     let local = rules.root().join(rel);
     let meta = match fs::symlink_metadata(&local) {
         Ok(m) => m,
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot stat {}", local.display())),
     };
-    let Some(kind) = scan::kind_of(meta.file_type()) else { return Ok(None) };
-    if rules.is_ignored(rel, kind == EntryKind::Dir) {
-        return Ok(None);
-    }
     // an ancestor replaced by a symlink (or a file): the path is not in the tree any more
     let mut end = 0;
     while let Some(i) = rel[end..].find('/') {
         end += i;
-        if !fs::symlink_metadata(rules.root().join(&rel[..end])).is_ok_and(|m| m.is_dir()) {
-            return Ok(None);
+        let ancestor = &rel[..end];
+        if !dirs_ok.contains(ancestor) {
+            if !fs::symlink_metadata(rules.root().join(ancestor)).is_ok_and(|m| m.is_dir()) {
+                return Ok(None);
+            }
+            dirs_ok.insert(ancestor.to_string());
         }
         end += 1;
     }
-    let path =
-        WsPath::new(rel.to_string()).with_context(|| format!("{}: not a valid workspace path", local.display()))?;
-    let mode = match kind {
-        EntryKind::Symlink => podfs_protocol::tree::SYMLINK_MODE,
-        _ => {
-            use std::os::unix::fs::PermissionsExt;
-            meta.permissions().mode() & podfs_protocol::tree::MODE_MASK
-        }
-    };
-    Ok(Some(Found { path, local, kind, mode, stat: Stat::of(&meta) }))
+    match scan::classify(rules, rel.to_string(), local, &meta)? {
+        Looked::Keep(f) => Ok(Some(f)),
+        Looked::Ignored | Looked::Unsupported(_) => Ok(None),
+    }
 }
 
 /// Adds the parent directories of `rel` that the index lacks (their events may come later).
-fn add_missing_parents(rules: &mut Rules, idx: &Index, rel: &str, found: &mut Vec<Found>) -> anyhow::Result<()> {
+fn add_missing_parents(
+    rules: &mut Rules,
+    idx: &Index,
+    rel: &str,
+    found: &mut Vec<Found>,
+    (dirs_ok, queued): (&mut HashSet<String>, &mut HashSet<String>),
+) -> anyhow::Result<()> {
     let mut p = rel;
     while let Some((parent, _)) = p.rsplit_once('/') {
-        if idx.local.contains_key(parent) || found.iter().any(|f| f.path.as_str() == parent) {
+        if idx.local.contains_key(parent) || queued.contains(parent) {
             break;
         }
-        if let Some(f) = look(rules, parent)? {
+        if let Some(f) = look(rules, parent, dirs_ok)? {
+            queued.insert(parent.to_string());
             found.push(f);
         }
         p = parent;
@@ -298,10 +304,7 @@ fn read_stable_with(f: &Found, read: &dyn Fn(&Found) -> io::Result<(ContentHash,
             confirmed = Some(hash);
             continue;
         }
-        let mode = match f.kind {
-            EntryKind::Symlink => podfs_protocol::tree::SYMLINK_MODE,
-            _ => after.mode & podfs_protocol::tree::MODE_MASK,
-        };
+        let mode = scan::mode_of(f.kind, after.mode);
         let entry = Entry { path: f.path.clone(), kind: f.kind, hash: Some(hash), size, mode };
         return Read::Done(Rec { entry, stat: after, read_at_ns });
     }
@@ -311,6 +314,8 @@ fn read_stable_with(f: &Found, read: &dyn Fn(&Found) -> io::Result<(ContentHash,
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::symlink;
+
+    use podfs_protocol::WsPath;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
