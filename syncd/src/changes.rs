@@ -2,6 +2,7 @@
 
 use std::cmp::Ordering;
 
+use podfs_protocol::api::DiffEntry;
 use podfs_protocol::{Change, Entry};
 
 /// The changes that turn `remote` into `local`. Both lists must be sorted by path with no
@@ -35,6 +36,18 @@ pub fn compute_changes(local: &[Entry], remote: &[Entry]) -> Vec<Change> {
     }
     deletes.reverse();
     deletes.into_iter().map(Change::Delete).chain(puts.into_iter().map(Change::Put)).collect()
+}
+
+/// The changes a diff (`from` -> `to`) stands for: forward they turn `from` into `to`, backward
+/// `to` into `from`. Ordered as [`compute_changes`] orders them.
+pub fn changes_of_diff(diff: &[DiffEntry], forward: bool) -> Vec<Change> {
+    let sorted = |pick: fn(&DiffEntry) -> Option<&Entry>| {
+        let mut v: Vec<Entry> = diff.iter().filter_map(pick).cloned().collect();
+        v.sort_by(|a, b| a.path.as_str().cmp(b.path.as_str()));
+        v
+    };
+    let (old, new) = (sorted(|d| d.old.as_ref()), sorted(|d| d.new.as_ref()));
+    if forward { compute_changes(&new, &old) } else { compute_changes(&old, &new) }
 }
 
 /// Applies `changes` to a sorted tree (test oracle and sanity check): the resulting sorted tree.
@@ -88,6 +101,30 @@ mod tests {
     }
     fn del(p: &str) -> Change {
         Change::Delete(WsPath::new(p).unwrap())
+    }
+
+    #[test]
+    fn a_diff_runs_both_ways() {
+        use podfs_protocol::api::{DiffEntry, DiffKind};
+        let d = |path: &str, change, old: Option<Entry>, new: Option<Entry>| DiffEntry {
+            path: path.to_string(),
+            change,
+            old,
+            new,
+        };
+        let diff = vec![
+            d("a", DiffKind::Added, None, Some(dir("a", 0o755))),
+            d("a/f", DiffKind::Added, None, Some(file("a/f", b"new", 0o644))),
+            d("m", DiffKind::Modified, Some(file("m", b"1", 0o644)), Some(file("m", b"2", 0o644))),
+            d("z", DiffKind::Deleted, Some(link("z", "t")), None),
+        ];
+        let old = vec![file("m", b"1", 0o644), link("z", "t")];
+        let new = vec![dir("a", 0o755), file("a/f", b"new", 0o644), file("m", b"2", 0o644)];
+        assert_eq!(changes_of_diff(&diff, true), compute_changes(&new, &old));
+        assert_eq!(apply_changes(&old, &changes_of_diff(&diff, true)), new);
+        assert_eq!(apply_changes(&new, &changes_of_diff(&diff, false)), old);
+        let back = changes_of_diff(&diff, false);
+        assert!(matches!(&back[0], Change::Delete(p) if p.as_str() == "a/f"), "children first: {back:?}");
     }
 
     #[test]

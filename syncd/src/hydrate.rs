@@ -152,13 +152,19 @@ pub(crate) struct State {
 
 /// Records in `DIR/.podfs/state.json` that DIR holds `ws@version` (atomically).
 pub fn write_state(dir: &Path, ws: &str, version: u64) -> anyhow::Result<()> {
+    let body = serde_json::to_vec(&State { workspace: ws.to_string(), version })?;
+    replace_state_file(dir, STATE_FILE, &body).context("cannot record the pulled version")
+}
+
+/// Writes `DIR/.podfs/NAME` whole: a temporary file renamed over it, so readers see the old
+/// or the new content, never a part.
+pub(crate) fn replace_state_file(dir: &Path, name: &str, body: &[u8]) -> anyhow::Result<()> {
     let state_dir = dir.join(STATE_DIR);
     std::fs::create_dir_all(&state_dir).with_context(|| format!("cannot create {}", state_dir.display()))?;
-    let tmp = state_dir.join(format!("{STATE_FILE}.tmp-{}", std::process::id()));
-    let body = serde_json::to_vec(&State { workspace: ws.to_string(), version })?;
+    let tmp = state_dir.join(format!("{name}.tmp-{}", std::process::id()));
     std::fs::write(&tmp, body).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, state_dir.join(STATE_FILE)).context("cannot record the pulled version")?;
-    Ok(())
+    let path = state_dir.join(name);
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))
 }
 
 pub(crate) fn read_state(dir: &Path) -> anyhow::Result<Option<State>> {
@@ -430,18 +436,22 @@ async fn keep_in_cache(
     .await
 }
 
+/// Whether DIR holds nothing but (maybe) the state directory.
+pub(crate) fn holds_only_state(dir: &Path) -> std::io::Result<bool> {
+    for e in std::fs::read_dir(dir)? {
+        if e?.file_name() != STATE_DIR {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Opens DIR (created when missing; empty apart from an old `.podfs`) and makes a fresh
 /// staging directory in `DIR/.podfs`. Returns DIR's handle and the staging path below it.
 fn open_fresh_root(dir: &Path) -> anyhow::Result<(Arc<Dir>, PathBuf)> {
-    match std::fs::read_dir(dir) {
-        Ok(entries) => {
-            for e in entries {
-                let e = e.with_context(|| format!("cannot read {}", dir.display()))?;
-                if e.file_name() != STATE_DIR {
-                    bail!("{} is not empty; pull into a new or empty directory", dir.display());
-                }
-            }
-        }
+    match holds_only_state(dir) {
+        Ok(true) => {}
+        Ok(false) => bail!("{} is not empty; pull into a new or empty directory", dir.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }

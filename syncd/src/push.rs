@@ -145,8 +145,8 @@ fn count(entries: &[Entry], kind: EntryKind) -> u64 {
     entries.iter().filter(|e| e.kind == kind).count() as u64
 }
 
-/// The head's entries sorted by path; empty for an empty workspace.
-async fn remote_tree(client: &Client, ws: &str, head: u64) -> anyhow::Result<Vec<Entry>> {
+/// The entries of version `head` sorted by path; empty for version 0 (an empty workspace).
+pub(crate) async fn remote_tree(client: &Client, ws: &str, head: u64) -> anyhow::Result<Vec<Entry>> {
     if head == 0 {
         return Ok(Vec::new());
     }

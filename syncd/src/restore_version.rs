@@ -5,8 +5,8 @@
 use anyhow::Context;
 use clap::Args;
 use podfs_client::Client;
-use podfs_protocol::api::{CommitRequest, DiffKind, VersionInfo};
-use podfs_protocol::{Change, VersionRef, WsPath};
+use podfs_protocol::VersionRef;
+use podfs_protocol::api::{CommitRequest, VersionInfo};
 
 use crate::cli::Output;
 use crate::target::parse_workspace;
@@ -33,29 +33,20 @@ pub async fn restore_version(
     if version == 0 || version > head {
         anyhow::bail!("{ws} has versions 1 to {head}; there is no version {version}");
     }
-    // the diff runs forward (version -> head); going back, each path gets its old entry
+    // the diff runs forward (version -> head); restoring runs it backward
     let diff = client
         .diff(ws, VersionRef::Number(version), VersionRef::Number(head))
         .await
         .with_context(|| format!("cannot compare version {version} with head {head}"))?;
-    let (mut deletes, mut puts) = (Vec::new(), Vec::new());
-    for d in diff.changes {
-        match (d.change, d.old) {
-            (DiffKind::Added, _) | (_, None) => deletes.push(Change::Delete(WsPath::new(d.path)?)),
-            (_, Some(e)) => puts.push(Change::Put(e)),
-        }
-    }
-    if deletes.is_empty() && puts.is_empty() {
+    let changes = crate::changes::changes_of_diff(&diff.changes, false);
+    if changes.is_empty() {
         return Ok(None);
     }
-    // deepest deletes first, then puts in path order (parents first): diff lists are sorted
-    deletes.reverse();
-    deletes.extend(puts);
     let req = CommitRequest {
         parent_version: head,
         message: Some(message.unwrap_or_else(|| format!("restore version {version}"))),
         author: None,
-        changes: deletes,
+        changes,
     };
     let info = client.commit(ws, &req).await.map_err(|e| {
         if e.is_conflict() {

@@ -19,12 +19,12 @@ use std::path::Path;
 use anyhow::Context;
 use bytes::Bytes;
 use podfs_client::Client;
-use podfs_protocol::api::{CommitRequest, DiffKind};
+use podfs_protocol::api::CommitRequest;
 use podfs_protocol::{Change, ContentHash, Entry, EntryKind, VersionRef};
 
 use super::index::Index;
 use crate::cache::ContentCache;
-use crate::changes::compute_changes;
+use crate::changes::{changes_of_diff, compute_changes};
 use crate::hydrate::{self, HydrateOptions};
 use crate::push::{self, PushError};
 use crate::scan::{LocalTree, Source};
@@ -153,7 +153,6 @@ async fn rebase(ctx: &Ctx<'_>, idx: &mut Index) -> anyhow::Result<Attempt> {
         .with_context(|| format!("cannot read the changes between versions {from} and {head}"))?;
     let mut conflicts = Vec::new();
     let mut touched = Vec::new();
-    let mut base_changes = Vec::new();
     for d in &diff.changes {
         touched.push(d.path.clone());
         if idx.pending.contains(&d.path) {
@@ -167,10 +166,6 @@ async fn rebase(ctx: &Ctx<'_>, idx: &mut Index) -> anyhow::Result<Attempt> {
                 conflicts.push(d.path.clone());
             }
         }
-        base_changes.push(match (&d.change, &d.new) {
-            (DiffKind::Deleted, _) | (_, None) => Change::Delete(podfs_protocol::WsPath::new(d.path.clone())?),
-            (_, Some(e)) => Change::Put(e.clone()),
-        });
     }
     // the other writer's changes onto the disk, around local edits
     let report = hydrate::switch(client, &ws, VersionRef::Number(head), root, ctx.cache, ctx.hydrate, from)
@@ -184,11 +179,6 @@ async fn rebase(ctx: &Ctx<'_>, idx: &mut Index) -> anyhow::Result<Attempt> {
         conflicts = conflicts.len(),
         "head moved: merged the other writer's changes"
     );
-    // deletes deepest first, then puts in path order (parents before children)
-    let (mut deletes, puts): (Vec<Change>, Vec<Change>) =
-        base_changes.into_iter().partition(|c| matches!(c, Change::Delete(_)));
-    deletes.reverse();
-    deletes.extend(puts);
-    idx.advance_base(head, &deletes)?;
+    idx.advance_base(head, &changes_of_diff(&diff.changes, true))?;
     Ok(Attempt::Rebased { touched, conflicts, head })
 }

@@ -131,10 +131,7 @@ impl Index {
             self.local.insert(path, Rec { entry: e, stat, read_at_ns });
         }
         drop(q);
-        let paths: Vec<String> = self.base.keys().chain(self.local.keys()).cloned().collect();
-        for p in paths {
-            self.refresh_pending(&p);
-        }
+        self.refresh_all_pending();
         Ok(())
     }
 
@@ -144,11 +141,7 @@ impl Index {
         self.workspace = workspace.to_string();
         self.base_version = version;
         self.base = tree.into_iter().map(|e| (e.path.as_str().to_string(), e)).collect();
-        self.pending.clear();
-        let paths: Vec<String> = self.base.keys().chain(self.local.keys()).cloned().collect();
-        for p in paths {
-            self.refresh_pending(&p);
-        }
+        self.refresh_all_pending();
         let tx = self.db.transaction()?;
         tx.execute("DELETE FROM base", [])?;
         {
@@ -230,6 +223,15 @@ impl Index {
     pub fn below<'a>(&'a self, dir: &str) -> impl Iterator<Item = &'a str> + 'a {
         let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
         self.local.range(prefix.clone()..).map(|(k, _)| k.as_str()).take_while(move |k| k.starts_with(&prefix))
+    }
+
+    /// Recomputes `pending` from scratch.
+    fn refresh_all_pending(&mut self) {
+        self.pending.clear();
+        let paths: Vec<String> = self.base.keys().chain(self.local.keys()).cloned().collect();
+        for p in paths {
+            self.refresh_pending(&p);
+        }
     }
 
     fn refresh_pending(&mut self, path: &str) {

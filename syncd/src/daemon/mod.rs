@@ -16,12 +16,12 @@ pub mod reconcile;
 pub mod status;
 mod watch;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use podfs_client::Client;
-use podfs_protocol::{Entry, VersionRef};
+use podfs_protocol::VersionRef;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -181,6 +181,11 @@ enum Trigger {
 }
 
 impl Trigger {
+    /// The message of a version of `changes` paths this trigger made.
+    fn message(self, changes: usize) -> String {
+        format!("syncd: {} ({changes} paths)", self.name(changes))
+    }
+
     fn name(self, changes: usize) -> &'static str {
         match self {
             Trigger::Startup => "startup reconciliation",
@@ -211,7 +216,9 @@ impl Daemon {
         }
         if !known {
             let head = wait_for_head(&client, &s.workspace).await?;
-            let (version, tree) = if dir_is_empty(&s.dir)? {
+            let empty =
+                hydrate::holds_only_state(&s.dir).with_context(|| format!("cannot read {}", s.dir.display()))?;
+            let version = if empty {
                 if head > 0 {
                     status.state = "hydrating".into();
                     status.write(&s.dir)?;
@@ -219,12 +226,12 @@ impl Daemon {
                     let r = hydrate::hydrate(&client, &s.workspace, VersionRef::Number(head), &s.dir, opts).await?;
                     tracing::info!(version = head, files = r.files, secs = r.elapsed_secs, "hydrated");
                 }
-                (head, tree_of(&client, &s.workspace, head).await?)
+                head
             } else if let Some(st) = hydrate::read_state(&s.dir)?.filter(|st| st.workspace == s.workspace) {
                 // filled by `podfs pull`: local edits since are changes against that version
-                (st.version, tree_of(&client, &s.workspace, st.version).await?)
+                st.version
             } else if head == 0 || s.adopt {
-                (head, tree_of(&client, &s.workspace, head).await?)
+                head
             } else {
                 bail!(
                     "{} is not empty and podfs did not fill it: start syncd in an empty directory, or pass --adopt \
@@ -233,6 +240,7 @@ impl Daemon {
                     s.workspace
                 );
             };
+            let tree = crate::push::remote_tree(&client, &s.workspace, version).await?;
             idx.reset_base(&s.workspace, version, tree)?;
         }
         let rules = Rules::new(&s.dir);
@@ -330,7 +338,7 @@ impl Daemon {
                 let changes = self.idx.pending.len();
                 let message = match &conflict {
                     Some((theirs, paths)) => conflict_message(*theirs, paths, changes),
-                    None => format!("syncd: {} ({changes} paths)", trigger.name(changes)),
+                    None => trigger.message(changes),
                 };
                 match self.commit_once(message).await {
                     Attempt::Committed { version, changes } => {
@@ -460,7 +468,7 @@ impl Daemon {
         }
         if !self.idx.pending.is_empty() {
             let changes = self.idx.pending.len();
-            let message = format!("syncd: {} ({changes} paths)", trigger.name(changes));
+            let message = trigger.message(changes);
             let attempt = tokio::time::timeout(SHUTDOWN_COMMIT, self.commit_once(message)).await;
             match attempt {
                 Ok(Attempt::Committed { version, changes }) => tracing::info!(version, changes, "committed"),
@@ -539,31 +547,6 @@ async fn wait_for_head(client: &Client, ws: &str) -> anyhow::Result<u64> {
             Err(e) => return Err(e).with_context(|| format!("cannot read workspace {ws}")),
         }
     }
-}
-
-/// The entries of `ws@version`, sorted by path (empty for version 0).
-async fn tree_of(client: &Client, ws: &str, version: u64) -> anyhow::Result<Vec<Entry>> {
-    if version == 0 {
-        return Ok(Vec::new());
-    }
-    let m = client
-        .manifest(ws, VersionRef::Number(version))
-        .await
-        .with_context(|| format!("cannot read the tree of {ws}@{version}"))?;
-    let mut entries = m.entries;
-    entries.sort_by(|a, b| a.path.as_str().cmp(b.path.as_str()));
-    Ok(entries)
-}
-
-/// Empty apart from the state directory (or missing).
-fn dir_is_empty(dir: &Path) -> anyhow::Result<bool> {
-    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
-        let e = e?;
-        if e.file_name() != STATE_DIR {
-            return Ok(false);
-        }
-    }
-    Ok(true)
 }
 
 #[cfg(test)]

@@ -3,7 +3,6 @@
 //! while it runs; a status whose lock is free belongs to a daemon that is gone.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -70,13 +69,9 @@ impl Status {
     /// Writes the status into `dir`'s state directory (temporary file + rename).
     pub fn write(&mut self, dir: &Path) -> anyhow::Result<()> {
         self.updated_at = unix_now();
-        let state = dir.join(STATE_DIR);
-        let tmp = state.join(format!("{STATUS_FILE}.tmp"));
-        let mut f = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        serde_json::to_writer_pretty(&mut f, self)?;
-        f.write_all(b"\n")?;
-        std::fs::rename(&tmp, state.join(STATUS_FILE)).context("cannot replace the status file")?;
-        Ok(())
+        let mut body = serde_json::to_vec_pretty(self)?;
+        body.push(b'\n');
+        crate::hydrate::replace_state_file(dir, STATUS_FILE, &body)
     }
 }
 
