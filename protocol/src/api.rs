@@ -23,14 +23,127 @@ pub const MANIFEST_BASE_HEADER: &str = "x-podfs-manifest-base";
 /// Content type of a stored blob (the `blob` module's format) when downloaded as is.
 pub const BLOB_CONTENT_TYPE: &str = "application/vnd.podfs.blob";
 
-/// Every error response: `{"code": "...", "message": "..."}`.
+/// Every error response: `{"code": "...", "message": "..."}`, with `content-type:
+/// application/json`, whatever the route and whatever refused the request (a handler, the
+/// authentication, a malformed path, query or body, an unknown route or method).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
-    /// Stable machine-readable code: bad_request, unauthorized, forbidden, not_found, conflict,
-    /// payload_too_large, corrupt, unavailable, internal.
-    pub code: String,
+    /// Stable machine-readable code; the HTTP status it comes with:
+    /// - `bad_request` (400): malformed path, query or body, or a request breaking a rule;
+    /// - `hash_mismatch` (400): uploaded content does not hash to the blob name;
+    /// - `missing_blobs` (400): a commit references blobs never uploaded;
+    /// - `unauthorized` (401): missing, malformed or unknown bearer token;
+    /// - `forbidden` (403): the token lacks the right or the workspace;
+    /// - `not_found` (404): unknown workspace, version, path, blob or route;
+    /// - `method_not_allowed` (405): the route exists, the method does not;
+    /// - `conflict` (409): workspace name taken, or the commit parent is no longer the head;
+    /// - `payload_too_large` (413): body, blob or batch over its limit;
+    /// - `unsupported_media_type` (415): a JSON body sent without `content-type: application/json`;
+    /// - `range_not_satisfiable` (416): the `Range` is outside the file;
+    /// - `corrupt` (500): stored data failed verification;
+    /// - `internal` (500): a bug or an unexpected failure of the gateway;
+    /// - `unavailable` (503, with `Retry-After`): the database or blob store cannot be reached.
+    pub code: ErrorCode,
     /// Human-readable explanation naming the problem.
     pub message: String,
+}
+
+/// The wire error codes of [`ErrorBody`]. New codes may appear in later gateways: a client
+/// reads a code it does not know as [`ErrorCode::Unknown`] and goes by the HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    HashMismatch,
+    MissingBlobs,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    Conflict,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    RangeNotSatisfiable,
+    Corrupt,
+    Internal,
+    Unavailable,
+    /// A code this build does not know (sent by a newer gateway, or not a podfs code at all).
+    /// Never sent by the gateway.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// Every code the gateway sends (all but `Unknown`).
+    pub const ALL: [ErrorCode; 14] = [
+        ErrorCode::BadRequest,
+        ErrorCode::HashMismatch,
+        ErrorCode::MissingBlobs,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::Conflict,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::RangeNotSatisfiable,
+        ErrorCode::Corrupt,
+        ErrorCode::Internal,
+        ErrorCode::Unavailable,
+    ];
+
+    /// The code as it is on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::HashMismatch => "hash_mismatch",
+            ErrorCode::MissingBlobs => "missing_blobs",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::RangeNotSatisfiable => "range_not_satisfiable",
+            ErrorCode::Corrupt => "corrupt",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+
+    /// The code the gateway sends with `status` when nothing more specific applies: what a
+    /// client assumes for an error answer that carries no `ErrorBody`.
+    pub fn for_status(status: u16) -> Self {
+        match status {
+            400 => ErrorCode::BadRequest,
+            401 => ErrorCode::Unauthorized,
+            403 => ErrorCode::Forbidden,
+            404 => ErrorCode::NotFound,
+            405 => ErrorCode::MethodNotAllowed,
+            409 => ErrorCode::Conflict,
+            413 => ErrorCode::PayloadTooLarge,
+            415 => ErrorCode::UnsupportedMediaType,
+            416 => ErrorCode::RangeNotSatisfiable,
+            503 => ErrorCode::Unavailable,
+            500..=599 => ErrorCode::Internal,
+            _ => ErrorCode::Unknown,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Reads a wire code; anything unknown is [`ErrorCode::Unknown`].
+impl From<&str> for ErrorCode {
+    fn from(s: &str) -> Self {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == s).unwrap_or(ErrorCode::Unknown)
+    }
 }
 
 /// True when `name` is an acceptable workspace name: 1-128 of `[A-Za-z0-9._-]`, not starting with `.`.
@@ -132,6 +245,7 @@ pub struct VersionList {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct VersionListQuery {
     /// Most versions to return, newest first (default 100, at most 1000).
     pub limit: Option<u32>,
@@ -170,18 +284,21 @@ pub struct DirListing {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DirQuery {
     /// Directory to list; the top of the tree when absent.
     pub path: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ManifestQuery {
     /// Send only the changes since this version (a delta manifest) instead of the whole tree.
     pub since: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DiffQuery {
     /// Older version (number or `head`).
     pub from: String,
@@ -217,6 +334,7 @@ pub struct Diff {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
     pub path: String,
 }
@@ -295,5 +413,27 @@ mod tests {
         for bad in ["", ".hidden", "a/b", "a b", "ü", &"x".repeat(129)] {
             assert!(!valid_workspace_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn error_codes_round_trip() {
+        for c in ErrorCode::ALL {
+            let wire = serde_json::to_string(&c).expect("serializes");
+            assert_eq!(wire, format!("\"{}\"", c.as_str()));
+            assert_eq!(serde_json::from_str::<ErrorCode>(&wire).expect("parses"), c);
+            assert_eq!(ErrorCode::from(c.as_str()), c);
+            assert_eq!(c.to_string(), c.as_str());
+        }
+        assert_eq!(ErrorCode::from("brand_new_code"), ErrorCode::Unknown);
+    }
+
+    #[test]
+    fn unknown_codes_are_read() {
+        let body: ErrorBody =
+            serde_json::from_str(r#"{"code": "quota_exceeded", "message": "m"}"#).expect("an old client survives");
+        assert_eq!(body.code, ErrorCode::Unknown);
+        assert_eq!(ErrorCode::for_status(404), ErrorCode::NotFound);
+        assert_eq!(ErrorCode::for_status(502), ErrorCode::Internal);
+        assert_eq!(ErrorCode::for_status(418), ErrorCode::Unknown);
     }
 }
