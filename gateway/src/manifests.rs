@@ -120,7 +120,7 @@ impl ManifestService {
                 return built;
             }
             if Instant::now() > deadline {
-                return Err(Error::Unavailable(format!(
+                return Err(Error::Busy(format!(
                     "another gateway has been building the manifest of {}@{v} for too long; retry",
                     ws.info.name
                 )));
@@ -137,8 +137,7 @@ impl ManifestService {
             kind: Kind::Full,
             small_file_limit: self.small_file_limit,
         };
-        let dir =
-            tempfile::tempdir_in(&self.spool).map_err(|e| Error::Internal(format!("manifest scratch dir: {e}")))?;
+        let dir = tempfile::tempdir_in(&self.spool).map_err(Error::scratch("creating a manifest scratch dir"))?;
         let path = dir.path().join("manifest.sqlite");
         let base = match self.meta.manifest_before(ws.id, v).await? {
             Some(b) if b.small_file_limit == self.small_file_limit => {
@@ -206,8 +205,7 @@ impl ManifestService {
             kind: Kind::Delta { base: since },
             small_file_limit: self.small_file_limit,
         };
-        let dir =
-            tempfile::tempdir_in(&self.spool).map_err(|e| Error::Internal(format!("manifest scratch dir: {e}")))?;
+        let dir = tempfile::tempdir_in(&self.spool).map_err(Error::scratch("creating a manifest scratch dir"))?;
         let path = dir.path().join("delta.sqlite");
         let (tx, writer) = {
             let path = path.clone();
@@ -271,7 +269,7 @@ impl ManifestService {
         let mut stream = self.stored(m).await?;
         let mut file = tokio::fs::File::create(to).await.map_err(manifest_io)?;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| Error::Unavailable(format!("reading manifest {}: {e}", m.hash)))?;
+            let chunk = chunk.map_err(|source| Error::StoreRead { what: format!("manifest {}", m.hash), source })?;
             file.write_all(&chunk).await.map_err(manifest_io)?;
         }
         file.flush().await.map_err(manifest_io)?;
@@ -322,12 +320,12 @@ impl WriterThread {
     /// compresses it into `frame`. Returns the figures and (entries, blobs) of the file.
     async fn compress(self, path: PathBuf, frame: PathBuf) -> Result<(Compressed, (u64, u64)), Error> {
         tokio::task::spawn_blocking(move || -> Result<_, Error> {
-            let counts = self.0.join().map_err(|_| Error::Internal("manifest writer panicked".into()))??;
+            let counts = self.0.join().map_err(|_| Error::Internal("the manifest writer thread panicked".into()))??;
             let out = std::io::BufWriter::new(std::fs::File::create(&frame).map_err(manifest_io)?);
             Ok((transfer::compress(&path, out).map_err(manifest_err)?, counts))
         })
         .await
-        .map_err(|e| Error::Internal(format!("manifest task failed: {e}")))?
+        .map_err(|source| Error::Task { what: "compressing a manifest".into(), source })?
     }
 }
 
@@ -361,17 +359,19 @@ fn writer_gone() -> Error {
     Error::Internal("the manifest writer stopped early".into())
 }
 
-fn manifest_err(e: podfs_manifest::Error) -> Error {
-    match e {
+/// A manifest error; a stored manifest failing verification is told apart by the status mapping.
+fn manifest_err(source: podfs_manifest::Error) -> Error {
+    let what = match source {
         podfs_manifest::Error::FileMismatch { .. } | podfs_manifest::Error::SizeMismatch { .. } => {
-            Error::Corrupt(format!("a stored manifest failed verification: {e}"))
+            "a stored manifest failed verification"
         }
-        e => Error::Internal(format!("building a manifest: {e}")),
-    }
+        _ => "building a manifest",
+    };
+    Error::Manifest { what: what.into(), source }
 }
 
-fn manifest_io(e: std::io::Error) -> Error {
-    Error::Internal(format!("manifest scratch file: {e}"))
+fn manifest_io(source: std::io::Error) -> Error {
+    Error::Scratch { what: "writing a manifest scratch file".into(), source }
 }
 
 /// `stream`, hashed as it passes; ends with an error unless it was exactly `len` bytes that

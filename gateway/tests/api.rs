@@ -15,7 +15,7 @@ const ADMIN: &str = "test-admin-token-0123456789";
 
 struct Gw {
     app: Router,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 async fn gateway_with(tune: impl FnOnce(&mut Config)) -> Gw {
@@ -23,7 +23,7 @@ async fn gateway_with(tune: impl FnOnce(&mut Config)) -> Gw {
     let mut config = Config::embedded(dir.path(), ADMIN).expect("config");
     tune(&mut config);
     let state = server::build(config).await.expect("build gateway");
-    Gw { app: api::router(state), _dir: dir }
+    Gw { app: api::router(state), dir }
 }
 
 async fn gateway() -> Gw {
@@ -60,6 +60,15 @@ impl Gw {
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.expect("body").to_bytes().to_vec();
         Resp { status, headers, body }
+    }
+
+    /// A GET whose body may break off: the status and the body, or the error that ended it.
+    async fn get_stream(&self, uri: &str) -> (StatusCode, Result<Vec<u8>, String>) {
+        let req = Request::get(uri).header(header::AUTHORIZATION, format!("Bearer {ADMIN}")).body(Body::empty());
+        let resp = self.app.clone().oneshot(req.expect("request")).await.expect("infallible");
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map(|b| b.to_bytes().to_vec()).map_err(|e| e.to_string());
+        (status, body)
     }
 
     async fn json(&self, method: &str, uri: &str, token: Option<&str>, body: Value) -> Resp {
@@ -399,4 +408,96 @@ fn openapi_document_is_committed() {
         committed == generated,
         "docs/openapi.json is stale: regenerate it with PODFS_UPDATE_OPENAPI=1 (see this test's doc)"
     );
+}
+
+/// Method, URI, headers, body; the status and code expected.
+type Refusal =
+    (&'static str, &'static str, &'static [(&'static str, &'static str)], &'static str, StatusCode, &'static str);
+
+/// Every refusal is the JSON `ErrorBody`, whoever refuses: the path, query and body extractors,
+/// the router (unknown route, wrong method), the handlers.
+#[tokio::test]
+async fn every_error_is_a_json_body_with_a_code() {
+    let gw = demo().await;
+    let cases: [Refusal; 10] = [
+        ("GET", "/v1/workspaces/demo/versions?limit=many", &[], "", StatusCode::BAD_REQUEST, "bad_request"),
+        ("GET", "/v1/workspaces/demo/diff?from=1", &[], "", StatusCode::BAD_REQUEST, "bad_request"),
+        (
+            "GET",
+            "/v1/workspaces/demo/versions/1/manifest.sqlite?since=-1",
+            &[],
+            "",
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        ("GET", "/v1/workspaces/%FF/versions", &[], "", StatusCode::BAD_REQUEST, "bad_request"),
+        (
+            "POST",
+            "/v1/workspaces",
+            &[],
+            "{\"name\": \"x\"}",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            "POST",
+            "/v1/workspaces",
+            &[("content-type", "application/json")],
+            "{nope",
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        ("GET", "/v1/no/such/route", &[], "", StatusCode::NOT_FOUND, "not_found"),
+        ("PATCH", "/v1/workspaces/demo", &[], "", StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        ("GET", "/v1/workspaces/demo/blobs/xyz", &[], "", StatusCode::BAD_REQUEST, "bad_request"),
+        (
+            "GET",
+            "/v1/workspaces/demo/versions/1/files/README.md",
+            &[("range", "bytes=99-")],
+            "",
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "range_not_satisfiable",
+        ),
+    ];
+    for (method, uri, headers, body, status, code) in cases {
+        let r = gw.call(method, uri, Some(ADMIN), headers, Body::from(body)).await;
+        let what = format!("{method} {uri}: {} {}", r.status, String::from_utf8_lossy(&r.body));
+        assert_eq!(r.status, status, "{what}");
+        assert_eq!(r.headers[header::CONTENT_TYPE], "application/json", "{what}");
+        assert_eq!(r.code(), code, "{what}");
+        assert!(!r.json()["message"].as_str().unwrap_or_default().is_empty(), "{what}");
+    }
+    let r = gw.call("GET", "/v1/workspaces", None, &[], Body::empty()).await;
+    assert_eq!((r.status, r.code().as_str()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+}
+
+/// `GET .../blobs/{hash}` verifies the stored blob as it streams: a stored object that is not
+/// the content it is named after never arrives as a complete body.
+#[tokio::test]
+async fn blob_downloads_break_off_when_the_stored_blob_is_bad() {
+    let gw = demo().await;
+    let readme = ContentHash::of(b"hello world");
+    let uri = format!("/v1/workspaces/demo/blobs/{readme}");
+    let (status, body) = gw.get_stream(&uri).await;
+    let good = body.expect("a good blob streams whole");
+    assert_eq!(
+        (status, podfs_protocol::blob::decode(&good, &readme).ok()),
+        (StatusCode::OK, Some(b"hello world".to_vec()))
+    );
+
+    let hex = readme.to_hex();
+    let object = gw.dir.path().join("blobs/blobs").join(&hex[..2]).join(&hex);
+    let tampered = [
+        ("other content", podfs_protocol::blob::encode(b"hello World")),
+        ("truncated", good[..good.len() - 1].to_vec()),
+        ("trailing bytes", [good.as_slice(), b"x"].concat()),
+        ("not a blob", b"garbage, not even a header".to_vec()),
+    ];
+    for (what, bytes) in tampered {
+        std::fs::write(&object, &bytes).expect("tamper with the stored object");
+        let (status, body) = gw.get_stream(&uri).await;
+        assert_eq!(status, StatusCode::OK, "{what}: the status went out before the bytes");
+        let err = body.expect_err(what);
+        assert!(err.contains("failed verification"), "{what}: {err}");
+    }
 }

@@ -172,8 +172,8 @@ impl Client {
         match send(req).await {
             // Object stores refuse an expired signature with 403 (AWS) or 400 (Garage: "Date is
             // too old"); either way the cure is a fresh URL.
-            Err(Error::Api { status, code, message }) if presigned && matches!(status.as_u16(), 400 | 401 | 403) => {
-                Err(Error::LocationExpired { hash: loc.hash, status, message: format!("{code}: {message}") })
+            Err(Error::Api { status, message, .. }) if presigned && matches!(status.as_u16(), 400 | 401 | 403) => {
+                Err(Error::LocationExpired { hash: loc.hash, status, message })
             }
             other => other,
         }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use podfs_protocol::api::ErrorBody;
+use podfs_protocol::api::{ErrorBody, ErrorCode};
 use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -203,17 +203,21 @@ pub(crate) async fn api_error(mut resp: Response) -> Error {
     }
     let text = String::from_utf8_lossy(&body);
     let text = text.trim();
+    let code = ErrorCode::for_status(status.as_u16());
     if let Some(message) = xml_element(text, "Message") {
-        // an S3-style error document
-        let code = xml_element(text, "Code").unwrap_or(default_code(status));
-        return Error::Api { status, code: code.to_string(), message: message.to_string() };
+        // an S3-style error document: its code (AccessDenied, ...) is no podfs code
+        let message = match xml_element(text, "Code") {
+            Some(s3_code) => format!("{s3_code}: {message}"),
+            None => message.to_string(),
+        };
+        return Error::Api { status, code, message };
     }
     let message = if text.is_empty() {
         status.canonical_reason().unwrap_or("error").to_string()
     } else {
         text.chars().take(500).collect()
     };
-    Error::Api { status, code: default_code(status).to_string(), message }
+    Error::Api { status, code, message }
 }
 
 /// The text of the first `<name>...</name>` element of an XML document, if any.
@@ -222,21 +226,6 @@ fn xml_element<'a>(doc: &'a str, name: &str) -> Option<&'a str> {
     let start = doc.find(&open)? + open.len();
     let len = doc[start..].find(&format!("</{name}>"))?;
     Some(doc[start..start + len].trim())
-}
-
-/// The `ErrorBody` code the gateway uses for `status`.
-fn default_code(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        400 => "bad_request",
-        401 => "unauthorized",
-        403 => "forbidden",
-        404 => "not_found",
-        409 => "conflict",
-        413 => "payload_too_large",
-        503 => "unavailable",
-        s if s >= 500 => "internal",
-        _ => "error",
-    }
 }
 
 /// Reads a JSON body.

@@ -3,6 +3,7 @@
 use std::io;
 
 use podfs_protocol::ContentHash;
+use podfs_protocol::api::ErrorCode;
 use podfs_protocol::blob::BlobError;
 use reqwest::StatusCode;
 
@@ -13,12 +14,15 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// The gateway (or an object store behind a presigned URL) answered with an error status.
     /// `code` and `message` come from the `ErrorBody`; for non-JSON answers `code` is derived from
-    /// the status and `message` is the start of the body.
+    /// the status ([`ErrorCode::for_status`]) and `message` is the start of the body (an object
+    /// store's own error code leads the message then).
     #[error("{message} (HTTP {}, {code})", status.as_u16())]
-    Api { status: StatusCode, code: String, message: String },
-    /// The request did not complete: connection refused or reset, timeout, broken body.
-    #[error("request failed")]
-    Transport(#[source] reqwest::Error),
+    Api { status: StatusCode, code: ErrorCode, message: String },
+    /// The request did not complete: connection refused or reset, timeout, broken body. The
+    /// message names the URL and reqwest's whole chain of causes (reqwest's own message names
+    /// none of them), so the error is not repeated as a `source`.
+    #[error("{}", transport_message(.0))]
+    Transport(reqwest::Error),
     /// A success response whose body is not what the API promises.
     #[error("unexpected response from {url}: {message}")]
     Decode { url: String, message: String },
@@ -80,10 +84,10 @@ impl Error {
         }
     }
 
-    /// The `ErrorBody` code of an `Api` error (`not_found`, `conflict`, `missing_blobs`, ...).
-    pub fn code(&self) -> Option<&str> {
+    /// The `ErrorBody` code of an `Api` error (`NotFound`, `Conflict`, `MissingBlobs`, ...).
+    pub fn code(&self) -> Option<ErrorCode> {
         match self {
-            Error::Api { code, .. } => Some(code),
+            Error::Api { code, .. } => Some(*code),
             _ => None,
         }
     }
@@ -121,6 +125,31 @@ impl Error {
     }
 }
 
+/// `request to URL failed: cause: cause ...` (reqwest's Display is only "error sending request
+/// for url (..)"; what went wrong is in its sources).
+fn transport_message(e: &reqwest::Error) -> String {
+    let mut out = match e.url() {
+        Some(url) => format!("request to {url} failed"),
+        None => "request failed".to_string(),
+    };
+    let mut next = std::error::Error::source(e);
+    if next.is_none() {
+        // no deeper cause: reqwest's own message is all there is (builder, redirect, status)
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+    }
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        // hyper and std repeat their source in their own message now and then: print it once
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
 /// Marks an error of the caller's writer, to tell it apart from a decoder error.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -143,7 +172,11 @@ mod tests {
     use super::*;
 
     fn api(status: u16) -> Error {
-        Error::Api { status: StatusCode::from_u16(status).expect("status"), code: "x".into(), message: "y".into() }
+        Error::Api {
+            status: StatusCode::from_u16(status).expect("status"),
+            code: ErrorCode::for_status(status),
+            message: "y".into(),
+        }
     }
 
     #[test]
@@ -160,7 +193,20 @@ mod tests {
         assert!(!expired.is_retryable());
         assert!(api(404).is_not_found());
         assert!(api(409).is_conflict());
-        assert_eq!(api(409).code(), Some("x"));
+        assert_eq!(api(409).code(), Some(ErrorCode::Conflict));
+    }
+
+    /// A refused connection names the URL and the OS error, in `{e}` as in `{e:#}`.
+    #[tokio::test]
+    async fn transport_errors_name_their_cause() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let url = format!("http://127.0.0.1:{port}/v1/workspaces");
+        let e = Error::Transport(reqwest::get(&url).await.expect_err("nothing listens"));
+        let shown = e.to_string();
+        assert!(shown.starts_with(&format!("request to {url} failed: ")), "{shown}");
+        assert!(shown.to_lowercase().contains("connection refused"), "{shown}");
+        assert!(std::error::Error::source(&e).is_none(), "the cause is in the message, not repeated as a source");
+        assert!(e.is_connect() && e.is_retryable());
     }
 
     #[test]

@@ -98,7 +98,11 @@ mod tests {
     use super::*;
 
     fn unavailable() -> Error {
-        Error::Api { status: StatusCode::SERVICE_UNAVAILABLE, code: "unavailable".into(), message: "busy".into() }
+        Error::Api {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: podfs_protocol::api::ErrorCode::Unavailable,
+            message: "busy".into(),
+        }
     }
 
     #[test]
@@ -136,7 +140,11 @@ mod tests {
         let calls = AtomicU32::new(0);
         let r: Result<()> = retry(&RetryPolicy::default(), "test", || async {
             calls.fetch_add(1, Ordering::SeqCst);
-            Err(Error::Api { status: StatusCode::NOT_FOUND, code: "not_found".into(), message: "no".into() })
+            Err(Error::Api {
+                status: StatusCode::NOT_FOUND,
+                code: podfs_protocol::api::ErrorCode::NotFound,
+                message: "no".into(),
+            })
         })
         .await;
         assert!(r.is_err());

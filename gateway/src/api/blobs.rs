@@ -9,7 +9,7 @@ use std::collections::HashSet;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use podfs_protocol::ContentHash;
@@ -19,7 +19,7 @@ use podfs_protocol::api::{
 };
 
 use super::auth::Caller;
-use super::json::ApiJson;
+use super::extract::{ApiJson, ApiPath, BlobPath, WorkspacePath};
 use crate::error::{Error, Result};
 use crate::server::AppState;
 
@@ -39,12 +39,12 @@ fn check_batch(batch: &HashBatch) -> Result<()> {
 
 /// Which of these hashes the gateway does not hold (so the client uploads only those).
 #[utoipa::path(post, path = "/v1/workspaces/{workspace}/blobs/missing", tag = "blobs",
-    params(("workspace" = String, Path)), request_body = HashBatch,
-    responses((status = 200, body = MissingBlobs), (status = 413, body = ErrorBody)))]
+    params(WorkspacePath), request_body = HashBatch,
+    responses((status = 200, body = MissingBlobs), (status = 413, description = "more than 10,000 hashes", body = ErrorBody)))]
 pub async fn missing(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(WorkspacePath { workspace: name }): ApiPath<WorkspacePath>,
     ApiJson(batch): ApiJson<HashBatch>,
 ) -> Result<Json<MissingBlobs>> {
     caller.workspace(&state, &name, Right::Write).await?;
@@ -55,14 +55,17 @@ pub async fn missing(
 /// Upload the raw content of a blob named by its BLAKE3 hash. Refused (400 `hash_mismatch`)
 /// when the bytes do not hash to the name; nothing is stored then.
 #[utoipa::path(put, path = "/v1/workspaces/{workspace}/blobs/{hash}", tag = "blobs",
-    params(("workspace" = String, Path), ("hash" = String, Path, description = "BLAKE3 of the content")),
+    params(BlobPath),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 201, body = BlobUploaded), (status = 200, description = "already stored", body = BlobUploaded),
-        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody)))]
+    responses((status = 201, description = "stored", body = BlobUploaded),
+        (status = 200, description = "already stored", body = BlobUploaded),
+        (status = 400, description = "`hash_mismatch`: the content does not hash to the name; or an invalid hash",
+            body = ErrorBody),
+        (status = 413, description = "larger than the gateway's max blob size", body = ErrorBody)))]
 pub async fn upload(
     State(state): State<AppState>,
     caller: Caller,
-    Path((name, hash)): Path<(String, String)>,
+    ApiPath(BlobPath { workspace: name, hash }): ApiPath<BlobPath>,
     body: Body,
 ) -> Result<(StatusCode, Json<BlobUploaded>)> {
     caller.workspace(&state, &name, Right::Write).await?;
@@ -75,12 +78,14 @@ pub async fn upload(
 /// Where to download each blob: presigned S3 URLs (fetch without the token), or gateway paths.
 /// Only hashes the workspace references are answered.
 #[utoipa::path(post, path = "/v1/workspaces/{workspace}/blobs/locations", tag = "blobs",
-    params(("workspace" = String, Path)), request_body = HashBatch,
-    responses((status = 200, body = BlobLocations), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody)))]
+    params(WorkspacePath), request_body = HashBatch,
+    responses((status = 200, body = BlobLocations),
+        (status = 404, description = "a hash the workspace does not reference", body = ErrorBody),
+        (status = 413, description = "more than 10,000 hashes", body = ErrorBody)))]
 pub async fn locations(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(WorkspacePath { workspace: name }): ApiPath<WorkspacePath>,
     ApiJson(batch): ApiJson<HashBatch>,
 ) -> Result<Json<BlobLocations>> {
     let ws = caller.workspace(&state, &name, Right::Read).await?;
@@ -102,12 +107,15 @@ pub async fn locations(
 
 /// Download a stored blob as stored (header + raw or zstd payload); verify it before use.
 #[utoipa::path(get, path = "/v1/workspaces/{workspace}/blobs/{hash}", tag = "blobs",
-    params(("workspace" = String, Path), ("hash" = String, Path)),
-    responses((status = 200, content_type = "application/vnd.podfs.blob"), (status = 404, body = ErrorBody)))]
+    params(BlobPath),
+    responses((status = 200, description = "the stored blob; a transfer that breaks off failed verification",
+            content_type = "application/vnd.podfs.blob"),
+        (status = 400, description = "invalid hash", body = ErrorBody),
+        (status = 404, description = "a hash the workspace does not reference", body = ErrorBody)))]
 pub async fn download(
     State(state): State<AppState>,
     caller: Caller,
-    Path((name, hash)): Path<(String, String)>,
+    ApiPath(BlobPath { workspace: name, hash }): ApiPath<BlobPath>,
 ) -> Result<Response> {
     let ws = caller.workspace(&state, &name, Right::Read).await?;
     let hash = parse_hash(&hash)?;

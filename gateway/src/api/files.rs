@@ -5,32 +5,33 @@
 //! The content is verified against its hash before the first byte is sent.
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use podfs_protocol::api::{ErrorBody, KIND_HEADER, Right, VERSION_HEADER};
 use podfs_protocol::{EntryKind, WsPath};
 
 use super::auth::Caller;
+use super::extract::{ApiPath, FilePath};
 use super::versions::resolve;
 use crate::error::{Error, Result};
 use crate::server::AppState;
 
 /// Get one file (or a symlink's link text) of a version.
 #[utoipa::path(get, path = "/v1/workspaces/{workspace}/versions/{version}/files/{path}", tag = "files",
-    params(("workspace" = String, Path), ("version" = String, Path, description = "version number or `head`"),
-        ("path" = String, Path, description = "workspace path, may contain `/`"),
-        ("Range" = Option<String>, Header, description = "one byte range"),
+    params(FilePath, ("Range" = Option<String>, Header, description = "one byte range"),
         ("If-None-Match" = Option<String>, Header)),
     responses(
-        (status = 200, description = "the content", content_type = "application/octet-stream"),
-        (status = 206, description = "the requested range"),
+        (status = 200, description = "the content, typed by its name's extension \
+            (`application/octet-stream` when unknown, and for a symlink's text)", content_type = "*/*"),
+        (status = 206, description = "the requested range, typed as the whole", content_type = "*/*"),
         (status = 304, description = "the ETag matches"),
-        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 416, body = ErrorBody)))]
+        (status = 400, description = "invalid path, or a directory", body = ErrorBody),
+        (status = 416, description = "the range is outside the file", body = ErrorBody)))]
 pub async fn get_file(
     State(state): State<AppState>,
     caller: Caller,
-    Path((name, version, path)): Path<(String, String, String)>,
+    ApiPath(FilePath { workspace: name, version, path }): ApiPath<FilePath>,
     headers: HeaderMap,
 ) -> Result<Response> {
     let ws = caller.workspace(&state, &name, Right::Read).await?;
@@ -48,7 +49,7 @@ pub async fn get_file(
             )));
         }
         (_, Some(h)) => h,
-        (_, None) => return Err(Error::Internal(format!("{path} has no content hash"))),
+        (_, None) => return Err(Error::Internal(format!("{path} in {name}@{v} has no content hash"))),
     };
     let etag = format!("\"{hash}\"");
     let mut common = HeaderMap::new();
@@ -66,11 +67,6 @@ pub async fn get_file(
     {
         return Ok((StatusCode::NOT_MODIFIED, common).into_response());
     }
-    let content_type = match entry.kind {
-        EntryKind::Symlink => "application/octet-stream".to_string(),
-        _ => mime_guess::from_path(path.as_str()).first_or_octet_stream().essence_str().to_string(),
-    };
-    common.insert(header::CONTENT_TYPE, header_value(&content_type)?);
     let size = entry.size;
     let range = match headers.get(header::RANGE).and_then(|h| h.to_str().ok()) {
         Some(r) => match parse_range(r, size) {
@@ -84,6 +80,12 @@ pub async fn get_file(
         },
         None => None,
     };
+    // after the 416, which is an ErrorBody like every error
+    let content_type = match entry.kind {
+        EntryKind::Symlink => "application/octet-stream".to_string(),
+        _ => mime_guess::from_path(path.as_str()).first_or_octet_stream().essence_str().to_string(),
+    };
+    common.insert(header::CONTENT_TYPE, header_value(&content_type)?);
     let content = state.blobs.read(&hash, size).await?;
     if content.len() != size {
         return Err(Error::Corrupt(format!("{path}: the blob holds {} bytes, the tree says {size}", content.len())));
@@ -101,7 +103,8 @@ pub async fn get_file(
 }
 
 pub(super) fn header_value(s: &str) -> Result<HeaderValue> {
-    HeaderValue::from_str(s).map_err(|e| Error::Internal(format!("header value {s:?}: {e}")))
+    // the values are numbers, hashes and mime types: never invalid
+    HeaderValue::from_str(s).map_err(|_| Error::Internal(format!("{s:?} is not a valid header value")))
 }
 
 pub(super) fn etag_matches(if_none_match: &str, etag: &str) -> bool {

@@ -5,7 +5,7 @@
 //! and `x-podfs-manifest-size` describe the decompressed SQLite file; `ETag` is that hash.
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use podfs_protocol::api::{
@@ -13,6 +13,7 @@ use podfs_protocol::api::{
 };
 
 use super::auth::Caller;
+use super::extract::{ApiPath, ApiQuery, VersionPath};
 use super::files::{etag_matches, header_value};
 use super::versions::resolve;
 use crate::error::{Error, Result};
@@ -20,20 +21,19 @@ use crate::server::AppState;
 
 /// A version's manifest.sqlite (whole tree + bytes of small files) as one zstd frame.
 #[utoipa::path(get, path = "/v1/workspaces/{workspace}/versions/{version}/manifest.sqlite", tag = "trees",
-    params(("workspace" = String, Path), ("version" = String, Path, description = "version number or `head`"),
-        ManifestQuery, ("If-None-Match" = Option<String>, Header)),
+    params(VersionPath, ManifestQuery, ("If-None-Match" = Option<String>, Header)),
     responses(
         (status = 200, description = "the manifest: one zstd frame of a SQLite file (docs/manifest-format.md)",
             content_type = "application/zstd",
             headers(("x-podfs-manifest-hash" = String, description = "BLAKE3 of the decompressed file"),
                 ("x-podfs-manifest-size" = u64, description = "length of the decompressed file"))),
         (status = 304, description = "the ETag matches"),
-        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+        (status = 400, description = "invalid version, or `since` is 0 or newer than the version", body = ErrorBody)))]
 pub async fn get_manifest(
     State(state): State<AppState>,
     caller: Caller,
-    Path((name, version)): Path<(String, String)>,
-    Query(query): Query<ManifestQuery>,
+    ApiPath(VersionPath { workspace: name, version }): ApiPath<VersionPath>,
+    ApiQuery(query): ApiQuery<ManifestQuery>,
     headers: HeaderMap,
 ) -> Result<Response> {
     let ws = caller.workspace(&state, &name, Right::Read).await?;

@@ -3,7 +3,7 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -15,6 +15,7 @@ use podfs_protocol::api::{
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::auth::Caller;
+use super::extract::{ApiPath, ApiQuery, VersionPath, WorkspacePath};
 use super::versions::resolve;
 use crate::error::{Error, Result};
 use crate::server::AppState;
@@ -25,12 +26,11 @@ const MANIFEST_CHUNK: usize = 64 * 1024;
 /// The whole tree of a version as JSON (the Phase 1 manifest), entries sorted by path.
 /// Streamed straight from the database, so its size is not bounded by memory.
 #[utoipa::path(get, path = "/v1/workspaces/{workspace}/versions/{version}/manifest", tag = "trees",
-    params(("workspace" = String, Path), ("version" = String, Path, description = "version number or `head`")),
-    responses((status = 200, body = Manifest), (status = 404, body = ErrorBody)))]
+    params(VersionPath), responses((status = 200, body = Manifest)))]
 pub async fn manifest(
     State(state): State<AppState>,
     caller: Caller,
-    Path((name, version)): Path<(String, String)>,
+    ApiPath(VersionPath { workspace: name, version }): ApiPath<VersionPath>,
 ) -> Result<Response> {
     let ws = caller.workspace(&state, &name, Right::Read).await?;
     let v = resolve(&state, &ws, &version).await?;
@@ -71,13 +71,13 @@ pub async fn manifest(
 
 /// List one directory of a version (direct children, sorted).
 #[utoipa::path(get, path = "/v1/workspaces/{workspace}/versions/{version}/tree", tag = "trees",
-    params(("workspace" = String, Path), ("version" = String, Path, description = "version number or `head`"), DirQuery),
-    responses((status = 200, body = DirListing), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    params(VersionPath, DirQuery),
+    responses((status = 200, body = DirListing), (status = 400, description = "invalid path, or not a directory", body = ErrorBody)))]
 pub async fn list_dir(
     State(state): State<AppState>,
     caller: Caller,
-    Path((name, version)): Path<(String, String)>,
-    Query(q): Query<DirQuery>,
+    ApiPath(VersionPath { workspace: name, version }): ApiPath<VersionPath>,
+    ApiQuery(q): ApiQuery<DirQuery>,
 ) -> Result<Json<DirListing>> {
     let ws = caller.workspace(&state, &name, Right::Read).await?;
     let v = resolve(&state, &ws, &version).await?;
@@ -96,13 +96,13 @@ pub async fn list_dir(
 
 /// The changes from one version to another, sorted by path.
 #[utoipa::path(get, path = "/v1/workspaces/{workspace}/diff", tag = "trees",
-    params(("workspace" = String, Path), DiffQuery),
-    responses((status = 200, body = Diff), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    params(WorkspacePath, DiffQuery),
+    responses((status = 200, body = Diff), (status = 400, description = "invalid version, or from > to", body = ErrorBody)))]
 pub async fn diff(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
-    Query(q): Query<DiffQuery>,
+    ApiPath(WorkspacePath { workspace: name }): ApiPath<WorkspacePath>,
+    ApiQuery(q): ApiQuery<DiffQuery>,
 ) -> Result<Json<Diff>> {
     let ws = caller.workspace(&state, &name, Right::Read).await?;
     let from = resolve(&state, &ws, &q.from).await?;
@@ -116,13 +116,13 @@ pub async fn diff(
 
 /// Every content one path has had, oldest first.
 #[utoipa::path(get, path = "/v1/workspaces/{workspace}/history", tag = "trees",
-    params(("workspace" = String, Path), HistoryQuery),
-    responses((status = 200, body = PathHistory), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    params(WorkspacePath, HistoryQuery),
+    responses((status = 200, body = PathHistory), (status = 400, description = "invalid path", body = ErrorBody)))]
 pub async fn history(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
-    Query(q): Query<HistoryQuery>,
+    ApiPath(WorkspacePath { workspace: name }): ApiPath<WorkspacePath>,
+    ApiQuery(q): ApiQuery<HistoryQuery>,
 ) -> Result<Json<PathHistory>> {
     let ws = caller.workspace(&state, &name, Right::Read).await?;
     let path = WsPath::new(q.path)?;

@@ -3,13 +3,13 @@
 use std::time::Instant;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use podfs_protocol::VersionRef;
 use podfs_protocol::api::{CommitRequest, ErrorBody, Right, VersionInfo, VersionList, VersionListQuery};
 
 use super::auth::Caller;
-use super::json::ApiJson;
+use super::extract::{ApiJson, ApiPath, ApiQuery, VersionPath, WorkspacePath};
 use crate::error::{Error, Result};
 use crate::meta::{CommitInput, WorkspaceRow};
 use crate::server::AppState;
@@ -29,13 +29,12 @@ pub async fn resolve(state: &AppState, ws: &WorkspaceRow, version: &str) -> Resu
 
 /// List versions, newest first.
 #[utoipa::path(get, path = "/v1/workspaces/{workspace}/versions", tag = "versions",
-    params(("workspace" = String, Path), VersionListQuery),
-    responses((status = 200, body = VersionList), (status = 404, body = ErrorBody)))]
+    params(WorkspacePath, VersionListQuery), responses((status = 200, body = VersionList)))]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
-    Query(q): Query<VersionListQuery>,
+    ApiPath(WorkspacePath { workspace: name }): ApiPath<WorkspacePath>,
+    ApiQuery(q): ApiQuery<VersionListQuery>,
 ) -> Result<Json<VersionList>> {
     let ws = caller.workspace(&state, &name, Right::Read).await?;
     let limit = q.limit.unwrap_or(DEFAULT_LIST_LIMIT).clamp(1, MAX_LIST_LIMIT);
@@ -44,12 +43,11 @@ pub async fn list(
 
 /// Get one version (a number or `head`).
 #[utoipa::path(get, path = "/v1/workspaces/{workspace}/versions/{version}", tag = "versions",
-    params(("workspace" = String, Path), ("version" = String, Path, description = "version number or `head`")),
-    responses((status = 200, body = VersionInfo), (status = 404, body = ErrorBody)))]
+    params(VersionPath), responses((status = 200, body = VersionInfo)))]
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
-    Path((name, version)): Path<(String, String)>,
+    ApiPath(VersionPath { workspace: name, version }): ApiPath<VersionPath>,
 ) -> Result<Json<VersionInfo>> {
     let ws = caller.workspace(&state, &name, Right::Read).await?;
     let v = resolve(&state, &ws, &version).await?;
@@ -59,14 +57,14 @@ pub async fn get(
 /// Commit a new version: `changes` applied to `parent_version`, which must be the head.
 /// The whole version becomes visible at once, or nothing does.
 #[utoipa::path(post, path = "/v1/workspaces/{workspace}/versions", tag = "versions",
-    params(("workspace" = String, Path)), request_body = CommitRequest,
+    params(WorkspacePath), request_body = CommitRequest,
     responses((status = 201, body = VersionInfo),
         (status = 400, description = "invalid change, broken tree rule, or `missing_blobs`", body = ErrorBody),
         (status = 409, description = "parent_version is no longer the head", body = ErrorBody)))]
 pub async fn commit(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(WorkspacePath { workspace: name }): ApiPath<WorkspacePath>,
     ApiJson(req): ApiJson<CommitRequest>,
 ) -> Result<(StatusCode, Json<VersionInfo>)> {
     let ws = caller.workspace(&state, &name, Right::Write).await?;

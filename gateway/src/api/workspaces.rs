@@ -1,20 +1,22 @@
 //! Workspaces: create, list, get, delete; and workspace tokens.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use podfs_protocol::api::{
     CreateToken, CreateWorkspace, ErrorBody, Right, TokenCreated, Workspace, WorkspaceList, valid_workspace_name,
 };
 
 use super::auth::Caller;
-use super::json::ApiJson;
+use super::extract::{ApiJson, ApiPath, WorkspacePath};
 use crate::error::{Error, Result};
 use crate::server::AppState;
 
 /// Create a workspace (admin).
 #[utoipa::path(post, path = "/v1/workspaces", tag = "workspaces", request_body = CreateWorkspace,
-    responses((status = 201, body = Workspace), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 201, body = Workspace), (status = 400, description = "invalid workspace name", body = ErrorBody),
+        (status = 403, description = "this needs the admin token", body = ErrorBody),
+        (status = 409, description = "the name is taken", body = ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -43,15 +45,23 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<
 
 /// Get one workspace.
 #[utoipa::path(get, path = "/v1/workspaces/{workspace}", tag = "workspaces",
-    params(("workspace" = String, Path)), responses((status = 200, body = Workspace), (status = 404, body = ErrorBody)))]
-pub async fn get(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> Result<Json<Workspace>> {
+    params(WorkspacePath), responses((status = 200, body = Workspace)))]
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(WorkspacePath { workspace: name }): ApiPath<WorkspacePath>,
+) -> Result<Json<Workspace>> {
     Ok(Json(caller.workspace(&state, &name, Right::Read).await?.info))
 }
 
 /// Delete a workspace and all its versions (admin). Content shared with other workspaces stays.
 #[utoipa::path(delete, path = "/v1/workspaces/{workspace}", tag = "workspaces",
-    params(("workspace" = String, Path)), responses((status = 204), (status = 404, body = ErrorBody)))]
-pub async fn delete(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> Result<StatusCode> {
+    params(WorkspacePath), responses((status = 204, description = "deleted")))]
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(WorkspacePath { workspace: name }): ApiPath<WorkspacePath>,
+) -> Result<StatusCode> {
     caller.require_admin()?;
     state.meta.delete_workspace(&name).await?;
     tracing::info!(workspace = %name, "workspace deleted");
@@ -60,12 +70,12 @@ pub async fn delete(State(state): State<AppState>, caller: Caller, Path(name): P
 
 /// Create a token with read or write access to one workspace (admin). The token is shown once.
 #[utoipa::path(post, path = "/v1/workspaces/{workspace}/tokens", tag = "workspaces",
-    params(("workspace" = String, Path)), request_body = CreateToken,
-    responses((status = 201, body = TokenCreated), (status = 400, body = ErrorBody)))]
+    params(WorkspacePath), request_body = CreateToken,
+    responses((status = 201, body = TokenCreated), (status = 400, description = "an `admin` right", body = ErrorBody)))]
 pub async fn create_token(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(WorkspacePath { workspace: name }): ApiPath<WorkspacePath>,
     ApiJson(req): ApiJson<CreateToken>,
 ) -> Result<(StatusCode, Json<TokenCreated>)> {
     caller.require_admin()?;

@@ -290,7 +290,7 @@ async fn close_live(conn: &mut AnyConnection, ws_id: i64, number: i64, paths: &[
         }
         let closed = query.execute(&mut *conn).await?.rows_affected();
         if closed != chunk.len() as u64 {
-            return Err(MetaError::Internal(format!(
+            return Err(MetaError::Inconsistent(format!(
                 "closed {closed} live rows for {} paths: the live rows changed during the commit",
                 chunk.len()
             )));

@@ -34,7 +34,7 @@ macro_rules! columns {
 fn from_row(r: &AnyRow) -> Result<ManifestRow, MetaError> {
     let hash = |col: &str| -> Result<ContentHash, MetaError> {
         let raw: Vec<u8> = r.try_get(col)?;
-        ContentHash::from_slice(&raw).map_err(|e| MetaError::Internal(format!("stored manifest {col}: {e}")))
+        ContentHash::from_slice(&raw).map_err(|e| MetaError::Inconsistent(format!("stored manifest {col}: {e}")))
     };
     let base: Option<i64> = r.try_get("base_version")?;
     Ok(ManifestRow {
@@ -101,9 +101,9 @@ impl MetaStore {
         .bind(now_ms())
         .execute(&self.pool)
         .await?;
-        self.manifest(ws_id, m.version)
-            .await?
-            .ok_or_else(|| MetaError::Internal(format!("manifest of version {} vanished after recording", m.version)))
+        self.manifest(ws_id, m.version).await?.ok_or_else(|| {
+            MetaError::Inconsistent(format!("manifest of version {} vanished after recording", m.version))
+        })
     }
 
     /// Claims the build of version `v`'s manifest for `owner`: true when the claim is ours

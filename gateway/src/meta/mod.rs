@@ -54,7 +54,8 @@ static PG_MIGRATOR: Migrator = sqlx::migrate!("../migrations/postgres");
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("../migrations/sqlite");
 static INSTALL_DRIVERS: Once = Once::new();
 
-/// Everything the metadata store can fail with. Each variant carries a message for humans.
+/// Everything the metadata store can fail with. The first four carry a message for humans
+/// naming the problem; the database failures keep the sqlx error as their source.
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
     /// Unknown workspace, version or path.
@@ -70,16 +71,23 @@ pub enum MetaError {
     #[error("commit references {} blob(s) the gateway does not hold: {}", .0.len(), sql::hash_list(.0))]
     MissingBlobs(Vec<ContentHash>),
     /// The database is unreachable, overloaded or timed out: worth retrying later.
-    #[error("metadata database unavailable: {0}")]
-    Unavailable(String),
-    /// Anything else: a bug, a schema mismatch, data the store cannot read back.
-    #[error("metadata store error: {0}")]
-    Internal(String),
+    #[error("metadata database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    /// The database refused a statement for another reason: a bug or a schema mismatch.
+    #[error("metadata database error")]
+    Database(#[source] sqlx::Error),
+    /// The schema could not be brought up to date.
+    #[error("metadata schema migration failed")]
+    Migration(#[source] MigrateError),
+    /// The stored data breaks the store's own rules (a row it cannot have written, live rows
+    /// that changed under a commit): a bug or tampering, not the caller's mistake.
+    #[error("metadata store inconsistent: {0}")]
+    Inconsistent(String),
 }
 
 impl From<sqlx::Error> for MetaError {
     fn from(e: sqlx::Error) -> Self {
-        if sql::is_transient(&e) { MetaError::Unavailable(e.to_string()) } else { MetaError::Internal(e.to_string()) }
+        if sql::is_transient(&e) { MetaError::Unavailable(e) } else { MetaError::Database(e) }
     }
 }
 
@@ -87,7 +95,7 @@ impl From<MigrateError> for MetaError {
     fn from(e: MigrateError) -> Self {
         match e {
             MigrateError::Execute(e) => e.into(),
-            e => MetaError::Internal(format!("migration failed: {e}")),
+            e => MetaError::Migration(e),
         }
     }
 }

@@ -43,12 +43,12 @@ pub(super) fn rfc3339(ms: i64) -> Result<String, MetaError> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
         .and_then(|t| t.format(&Rfc3339).ok())
-        .ok_or_else(|| MetaError::Internal(format!("stored time {ms} ms is out of range")))
+        .ok_or_else(|| MetaError::Inconsistent(format!("stored time {ms} ms is out of range")))
 }
 
 /// A number read from the database as an API number; negative means corrupt data.
 pub(super) fn to_u64(v: i64, what: &str) -> Result<u64, MetaError> {
-    u64::try_from(v).map_err(|_| MetaError::Internal(format!("stored {what} {v} is negative")))
+    u64::try_from(v).map_err(|_| MetaError::Inconsistent(format!("stored {what} {v} is negative")))
 }
 
 /// A version number from the API as a database number. Numbers beyond the database range
@@ -72,7 +72,7 @@ pub(super) fn entry_from_row(row: &AnyRow) -> Result<Entry, MetaError> {
     let hash: Option<Vec<u8>> = row.try_get("hash")?;
     let size: i64 = row.try_get("size")?;
     let mode: i64 = row.try_get("mode")?;
-    let corrupt = |what: &str| MetaError::Internal(format!("stored entry {path:?} has an invalid {what}"));
+    let corrupt = |what: &str| MetaError::Inconsistent(format!("stored entry {path:?} has an invalid {what}"));
     Ok(Entry {
         kind: EntryKind::parse(&kind).ok_or_else(|| corrupt("kind"))?,
         hash: hash.map(|h| ContentHash::from_slice(&h)).transpose().map_err(|_| corrupt("hash"))?,
@@ -120,7 +120,7 @@ pub(super) async fn hashes_found(
 
 /// A hash column read back from the database.
 pub(super) fn stored_hash(raw: &[u8]) -> Result<ContentHash, MetaError> {
-    ContentHash::from_slice(raw).map_err(|e| MetaError::Internal(format!("stored {e}")))
+    ContentHash::from_slice(raw).map_err(|e| MetaError::Inconsistent(format!("stored {e}")))
 }
 
 /// The first few hashes of a list, for messages.

@@ -56,7 +56,7 @@ impl MetaStore {
             workspace_id: row.try_get("workspace_id")?,
             workspace: row.try_get("name")?,
             right: Right::parse(&right)
-                .ok_or_else(|| MetaError::Internal(format!("stored token right {right:?} is unknown")))?,
+                .ok_or_else(|| MetaError::Inconsistent(format!("stored token right {right:?} is unknown")))?,
         }))
     }
 }

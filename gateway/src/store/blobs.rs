@@ -24,6 +24,8 @@ use crate::meta::MetaStore;
 
 /// Content at most this large is handled in memory; larger content goes through temp files.
 pub const MEMORY_LIMIT: u64 = 4 << 20;
+/// What the upload spool's errors are about.
+const SPOOL: &str = "spooling an upload";
 
 /// The store key of a blob: `blobs/<first two hex digits>/<hash>`.
 pub fn key(hash: &ContentHash) -> String {
@@ -144,15 +146,14 @@ impl BlobService {
             match &mut spool {
                 Spool::Memory(buf) if len <= MEMORY_LIMIT => buf.extend_from_slice(&chunk),
                 Spool::Memory(buf) => {
-                    let (file, path) = tempfile::NamedTempFile::new_in(&self.spool)
-                        .map_err(|e| Error::Internal(format!("spool file: {e}")))?
-                        .into_parts();
+                    let (file, path) =
+                        tempfile::NamedTempFile::new_in(&self.spool).map_err(Error::scratch(SPOOL))?.into_parts();
                     let mut file = tokio::fs::File::from_std(file);
-                    file.write_all(buf).await.map_err(io_internal)?;
-                    file.write_all(&chunk).await.map_err(io_internal)?;
+                    file.write_all(buf).await.map_err(Error::scratch(SPOOL))?;
+                    file.write_all(&chunk).await.map_err(Error::scratch(SPOOL))?;
                     spool = Spool::File(file, path);
                 }
-                Spool::File(file, _) => file.write_all(&chunk).await.map_err(io_internal)?,
+                Spool::File(file, _) => file.write_all(&chunk).await.map_err(Error::scratch(SPOOL))?,
             }
         }
         let actual = ContentHash::from(hasher.finalize());
@@ -169,31 +170,34 @@ impl BlobService {
         let key = key(&hash);
         let stored_size = match spool {
             Spool::Memory(buf) => {
-                let encoded = blocking(move || Ok(blob::encode(&buf))).await?;
+                let encoded = blocking("encoding an upload", move || Ok(blob::encode(&buf))).await?;
                 let n = encoded.len() as u64;
                 self.backend.put_bytes(&key, Bytes::from(encoded)).await?;
                 n
             }
             Spool::File(mut file, path) => {
-                file.flush().await.map_err(io_internal)?;
+                file.flush().await.map_err(Error::scratch(SPOOL))?;
                 let file = file.into_std().await;
                 let spool_dir = self.spool.clone();
-                let (encoded, n) = blocking(move || {
+                let (encoded, n) = blocking("encoding an upload", move || {
                     let mut file = file;
-                    let io = |e: std::io::Error| Error::Internal(format!("encoding an upload: {e}"));
+                    let io = Error::scratch("encoding an upload");
                     let mut sample = vec![0u8; blob::SAMPLE_LEN.min(len as usize)];
-                    file.seek(SeekFrom::Start(0)).map_err(io)?;
-                    file.read_exact(&mut sample).map_err(io)?;
+                    file.seek(SeekFrom::Start(0)).map_err(&io)?;
+                    file.read_exact(&mut sample).map_err(&io)?;
                     let codec = if blob::worth_compressing(&sample) { Codec::Zstd } else { Codec::Raw };
-                    file.seek(SeekFrom::Start(0)).map_err(io)?;
-                    let out = tempfile::NamedTempFile::new_in(&spool_dir).map_err(io)?;
+                    file.seek(SeekFrom::Start(0)).map_err(&io)?;
+                    let out = tempfile::NamedTempFile::new_in(&spool_dir).map_err(&io)?;
                     let n = blob::encode_to(
                         std::io::BufReader::new(file),
                         len,
                         codec,
                         std::io::BufWriter::new(out.as_file()),
                     )
-                    .map_err(|e| Error::Internal(format!("encoding an upload: {e}")))?;
+                    .map_err(|e| match e {
+                        blob::BlobError::Io(source) => Error::Scratch { what: "encoding an upload".into(), source },
+                        other => Error::Internal(format!("encoding an upload of {len} bytes: {other}")),
+                    })?;
                     Ok((out.into_temp_path(), n))
                 })
                 .await?;
@@ -218,16 +222,19 @@ impl BlobService {
         })?;
         let hash = *hash;
         if size <= MEMORY_LIMIT {
-            let stored =
-                super::read_all(stream).await.map_err(|e| Error::Unavailable(format!("reading blob {hash}: {e}")))?;
-            let content = blocking(move || blob::decode(&stored, &hash).map_err(|e| verify_error(&hash, e))).await?;
+            let stored = super::read_all(stream)
+                .await
+                .map_err(|source| Error::StoreRead { what: format!("blob {hash}"), source })?;
+            let content =
+                blocking("decoding a blob", move || blob::decode(&stored, &hash).map_err(|e| verify_error(&hash, e)))
+                    .await?;
             return Ok(Content::Memory(Bytes::from(content)));
         }
         let spool = self.spool.clone();
         let reader = tokio_util::io::StreamReader::new(stream);
-        blocking(move || {
-            let io = |e: std::io::Error| Error::Internal(format!("spooling blob {hash}: {e}"));
-            let mut out = tempfile::tempfile_in(&spool).map_err(io)?;
+        blocking("decoding a blob", move || {
+            let io = Error::scratch(format!("spooling blob {hash}"));
+            let mut out = tempfile::tempfile_in(&spool).map_err(&io)?;
             let bridge = tokio_util::io::SyncIoBridge::new(reader);
             let len = blob::decode_to(
                 std::io::BufReader::with_capacity(256 * 1024, bridge),
@@ -235,18 +242,20 @@ impl BlobService {
                 std::io::BufWriter::new(&mut out),
             )
             .map_err(|e| verify_error(&hash, e))?;
-            out.seek(SeekFrom::Start(0)).map_err(io)?;
+            out.seek(SeekFrom::Start(0)).map_err(Error::scratch(format!("spooling blob {hash}")))?;
             Ok(Content::File { file: out, len })
         })
         .await
     }
 
-    /// The stored form of a blob, streamed as is (for clients that verify it themselves).
+    /// The stored form of a blob, streamed as is, and verified on the way: a blob that does not
+    /// decode to `hash` ends the stream with an error in place of its last chunk.
     pub async fn stored(&self, hash: &ContentHash) -> Result<ByteStream, Error> {
-        self.backend.get(&key(hash)).await.map_err(|e| match e {
+        let stream = self.backend.get(&key(hash)).await.map_err(|e| match e {
             StoreError::NotFound(_) => Error::NotFound(format!("blob {hash} is not stored")),
             other => other.into(),
-        })
+        })?;
+        Ok(verified_stored(stream, *hash))
     }
 
     /// A presigned URL for the stored blob, or `None` when the gateway must serve it.
@@ -255,19 +264,89 @@ impl BlobService {
     }
 }
 
-fn io_internal(e: std::io::Error) -> Error {
-    Error::Internal(format!("spooling an upload: {e}"))
+/// Chunks of a stored blob in flight to the verifier.
+const VERIFY_QUEUE: usize = 4;
+
+/// `stored` passed on unchanged while a blocking task decodes and hashes a copy (the tee). Each
+/// chunk is held back until the next one arrives, and the last one until the verifier has
+/// accepted the whole blob, so a receiver of a bad blob never sees a complete body: the stream
+/// ends with an error (the HTTP transfer breaks off), which is logged and counted here.
+pub fn verified_stored(stored: ByteStream, hash: ContentHash) -> ByteStream {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(VERIFY_QUEUE);
+    let verifier = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let chunks = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
+        let mut reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(chunks));
+        blob::decode_to(&mut reader, &hash, std::io::sink()).map_err(|e| e.to_string())?;
+        match std::io::copy(&mut reader, &mut std::io::sink()) {
+            Ok(0) => Ok(()),
+            Ok(n) => Err(format!("{n} bytes follow the payload")),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    struct Tee {
+        stored: ByteStream,
+        tx: Option<tokio::sync::mpsc::Sender<Bytes>>,
+        verifier: Option<tokio::task::JoinHandle<Result<(), String>>>,
+        held: Option<Bytes>,
+    }
+    async fn verdict(hash: ContentHash, tee: &mut Tee) -> Result<(), std::io::Error> {
+        tee.tx = None;
+        let outcome = match tee.verifier.take() {
+            Some(v) => v.await.unwrap_or_else(|e| Err(format!("the verifier died: {e}"))),
+            None => Ok(()),
+        };
+        outcome.map_err(|reason| {
+            metrics::counter!("podfs_stored_corrupt_total", "kind" => "blob").increment(1);
+            tracing::error!(%hash, %reason, "stored blob failed verification while being served; transfer aborted");
+            std::io::Error::other(format!("stored blob {hash} failed verification: {reason}"))
+        })
+    }
+    let tee = Tee { stored, tx: Some(tx), verifier: Some(verifier), held: None };
+    Box::pin(futures::stream::unfold(Some(tee), move |tee| async move {
+        let mut tee = tee?;
+        loop {
+            match tee.stored.next().await {
+                Some(Ok(chunk)) => {
+                    let sent = match &tee.tx {
+                        Some(tx) => tx.send(chunk.clone()).await.is_ok(),
+                        None => false,
+                    };
+                    if !sent {
+                        // the verifier stopped early: it has refused the blob
+                        let e = verdict(hash, &mut tee).await.err().unwrap_or_else(|| {
+                            std::io::Error::other(format!("stored blob {hash} is longer than its payload"))
+                        });
+                        return Some((Err(e), None));
+                    }
+                    if let Some(prev) = tee.held.replace(chunk) {
+                        return Some((Ok(prev), Some(tee)));
+                    }
+                }
+                Some(Err(e)) => return Some((Err(e), None)),
+                None => {
+                    return match verdict(hash, &mut tee).await {
+                        Ok(()) => tee.held.take().map(|last| (Ok(last), None)),
+                        Err(e) => Some((Err(e), None)),
+                    };
+                }
+            }
+        }
+    }))
 }
 
 /// A read failure is the store's fault (unavailable); anything else means the stored bytes
 /// are not the content they are named after.
 fn verify_error(hash: &ContentHash, e: blob::BlobError) -> Error {
     match e {
-        blob::BlobError::Io(io) => Error::Unavailable(format!("reading blob {hash}: {io}")),
-        other => Error::Corrupt(format!("blob {hash} failed verification: {other}")),
+        blob::BlobError::Io(source) => Error::StoreRead { what: format!("blob {hash}"), source },
+        source => Error::CorruptBlob { hash: *hash, source },
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
+/// Runs `f` on the blocking pool; `what` names it should the task die.
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f).await.map_err(|source| Error::Task { what: what.to_string(), source })?
 }

@@ -21,14 +21,14 @@ impl FileBackend {
     pub async fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
         let tmp = root.join(".tmp");
-        tokio::fs::create_dir_all(&tmp).await?;
+        tokio::fs::create_dir_all(&tmp).await.map_err(|e| StoreError::io(tmp.display().to_string(), e))?;
         Ok(Self { root, tmp })
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
         // keys are produced by the gateway, but never let one leave the root
         if key.is_empty() || key.starts_with('/') || key.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
-            return Err(StoreError::Other(format!("invalid key {key:?}")));
+            return Err(StoreError::InvalidKey(key.to_string()));
         }
         Ok(self.root.join(key))
     }
@@ -36,15 +36,15 @@ impl FileBackend {
     async fn publish(&self, tmp: tempfile::TempPath, key: &str) -> Result<(), StoreError> {
         let dest = self.path(key)?;
         if let Some(parent) = dest.parent() {
-            tokio::fs::create_dir_all(parent).await?;
+            tokio::fs::create_dir_all(parent).await.map_err(|e| StoreError::io(parent.display().to_string(), e))?;
         }
-        tokio::task::spawn_blocking(move || tmp.persist(&dest).map_err(|e| StoreError::Other(e.to_string())))
-            .await
-            .map_err(|e| StoreError::Other(e.to_string()))?
+        let what = format!("renaming into {key}");
+        blocking(&what, move || tmp.persist(&dest).map_err(|e| e.error)).await
     }
 
     fn new_tmp(&self) -> Result<tempfile::NamedTempFile, StoreError> {
-        Ok(tempfile::NamedTempFile::new_in(&self.tmp)?)
+        tempfile::NamedTempFile::new_in(&self.tmp)
+            .map_err(|e| StoreError::io(format!("a temporary file in {}", self.tmp.display()), e))
     }
 }
 
@@ -57,31 +57,33 @@ impl BlobBackend for FileBackend {
     async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
         let (file, tmp) = self.new_tmp()?.into_parts();
         let mut file = tokio::fs::File::from_std(file);
-        file.write_all(&data).await?;
-        file.sync_data().await?;
+        let io = |e| StoreError::io(format!("writing {key}"), e);
+        file.write_all(&data).await.map_err(io)?;
+        file.sync_data().await.map_err(io)?;
         drop(file);
         self.publish(tmp, key).await
     }
 
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StoreError> {
         let tmp = self.new_tmp()?.into_temp_path();
-        tokio::fs::copy(path, &tmp).await?;
-        tokio::fs::File::open(&tmp).await?.sync_data().await?;
+        let io = |e| StoreError::io(format!("copying {} to {key}", path.display()), e);
+        tokio::fs::copy(path, &tmp).await.map_err(io)?;
+        tokio::fs::File::open(&tmp).await.map_err(io)?.sync_data().await.map_err(io)?;
         self.publish(tmp, key).await
     }
 
     async fn get(&self, key: &str) -> Result<ByteStream, StoreError> {
-        let file = tokio::fs::File::open(self.path(key)?).await?;
+        let file = tokio::fs::File::open(self.path(key)?).await.map_err(|e| StoreError::io(key, e))?;
         Ok(Box::pin(ReaderStream::with_capacity(file, 256 * 1024)))
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
-        Ok(tokio::fs::try_exists(self.path(key)?).await?)
+        tokio::fs::try_exists(self.path(key)?).await.map_err(|e| StoreError::io(key, e))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match tokio::fs::remove_file(self.path(key)?).await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::io(format!("deleting {key}"), e)),
             _ => Ok(()),
         }
     }
@@ -89,7 +91,8 @@ impl BlobBackend for FileBackend {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let root = self.root.clone();
         let prefix = prefix.to_string();
-        tokio::task::spawn_blocking(move || {
+        let what = format!("listing {}", root.display());
+        blocking(&what, move || {
             let mut out = Vec::new();
             let mut stack = vec![root.clone()];
             while let Some(dir) = stack.pop() {
@@ -112,10 +115,20 @@ impl BlobBackend for FileBackend {
             Ok(out)
         })
         .await
-        .map_err(|e| StoreError::Other(e.to_string()))?
     }
 
     async fn presign_get(&self, _key: &str, _ttl: Duration) -> Result<Option<String>, StoreError> {
         Ok(None)
+    }
+}
+
+/// Runs blocking file work; its I/O error, or the task's failure, names `what`.
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(|e| StoreError::io(what, e)),
+        Err(e) => Err(StoreError::Io { what: what.to_string(), source: std::io::Error::other(e) }),
     }
 }

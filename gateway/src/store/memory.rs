@@ -16,8 +16,13 @@ pub struct MemoryBackend {
 }
 
 impl MemoryBackend {
-    fn lock_err() -> StoreError {
-        StoreError::Other("memory store lock poisoned".into())
+    // A panic while the lock was held cannot have left a map operation half done.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Bytes>> {
+        self.objects.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Bytes>> {
+        self.objects.write().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -28,37 +33,31 @@ impl BlobBackend for MemoryBackend {
     }
 
     async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
-        self.objects.write().map_err(|_| Self::lock_err())?.insert(key.to_string(), data);
+        self.write().insert(key.to_string(), data);
         Ok(())
     }
 
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StoreError> {
-        let data = tokio::fs::read(path).await?;
+        let data = tokio::fs::read(path).await.map_err(|e| StoreError::io(path.display().to_string(), e))?;
         self.put_bytes(key, data.into()).await
     }
 
     async fn get(&self, key: &str) -> Result<ByteStream, StoreError> {
-        let data = self
-            .objects
-            .read()
-            .map_err(|_| Self::lock_err())?
-            .get(key)
-            .cloned()
-            .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
+        let data = self.read().get(key).cloned().ok_or_else(|| StoreError::NotFound(key.to_string()))?;
         Ok(Box::pin(futures::stream::once(async move { Ok(data) })))
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
-        Ok(self.objects.read().map_err(|_| Self::lock_err())?.contains_key(key))
+        Ok(self.read().contains_key(key))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.objects.write().map_err(|_| Self::lock_err())?.remove(key);
+        self.write().remove(key);
         Ok(())
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let objects = self.objects.read().map_err(|_| Self::lock_err())?;
+        let objects = self.read();
         Ok(objects.keys().filter(|k| k.starts_with(prefix)).cloned().collect())
     }
 

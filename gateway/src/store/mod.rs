@@ -24,6 +24,9 @@ pub use blobs::{BlobService, Content};
 /// A stream of stored bytes.
 pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
 
+/// Any error, boxed, as a source.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("no object {0}")]
@@ -31,15 +34,33 @@ pub enum StoreError {
     /// The backend could not be reached or answered with a server error: worth retrying later.
     #[error("blob store unavailable: {0}")]
     Unavailable(String),
-    #[error("blob store: {0}")]
-    Other(String),
+    /// A local file or directory of the store could not be read or written.
+    #[error("blob store I/O on {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backend refused the request for a reason retrying will not fix (credentials,
+    /// permissions, a missing bucket).
+    #[error("blob store refused {what}")]
+    Refused {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+    /// A key the backend cannot hold (a bug: keys are made by the gateway).
+    #[error("invalid blob store key {0:?}")]
+    InvalidKey(String),
 }
 
-impl From<std::io::Error> for StoreError {
-    fn from(e: std::io::Error) -> Self {
-        match e.kind() {
-            std::io::ErrorKind::NotFound => StoreError::NotFound(e.to_string()),
-            _ => StoreError::Other(e.to_string()),
+impl StoreError {
+    /// An I/O error on `what`; a missing file is [`StoreError::NotFound`].
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        let what = what.into();
+        match source.kind() {
+            std::io::ErrorKind::NotFound => StoreError::NotFound(what),
+            _ => StoreError::Io { what, source },
         }
     }
 }

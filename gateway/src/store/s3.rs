@@ -148,8 +148,7 @@ where
             StoreError::NotFound(key.to_string())
         }
         SdkError::ServiceError(_) if status >= 500 => StoreError::Unavailable(format!("HTTP {status}: {detail}")),
-        SdkError::ServiceError(_) => StoreError::Other(format!("HTTP {status}: {detail}")),
-        _ => StoreError::Other(detail),
+        _ => StoreError::Refused { what: format!("{key} (HTTP {status})"), source: Box::new(e) },
     }
 }
 
@@ -175,7 +174,10 @@ impl BlobBackend for S3Backend {
 
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StoreError> {
         let k = self.key(key);
-        let body = SdkStream::from_path(path).await.map_err(|e| StoreError::Other(e.to_string()))?;
+        let body = SdkStream::from_path(path).await.map_err(|e| StoreError::Refused {
+            what: format!("reading {} for {k}", path.display()),
+            source: Box::new(e),
+        })?;
         self.client.put_object().bucket(&self.bucket).key(&k).body(body).send().await.map_err(|e| classify(&k, e))?;
         Ok(())
     }
@@ -221,7 +223,8 @@ impl BlobBackend for S3Backend {
 
     async fn presign_get(&self, key: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
         let k = self.key(key);
-        let cfg = PresigningConfig::expires_in(ttl).map_err(|e| StoreError::Other(e.to_string()))?;
+        let cfg = PresigningConfig::expires_in(ttl)
+            .map_err(|e| StoreError::Refused { what: format!("presigning {k} for {ttl:?}"), source: Box::new(e) })?;
         let req =
             self.client.get_object().bucket(&self.bucket).key(&k).presigned(cfg).await.map_err(|e| classify(&k, e))?;
         Ok(Some(req.uri().to_string()))
