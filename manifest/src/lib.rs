@@ -23,7 +23,7 @@ pub const FORMAT_VERSION: i32 = 1;
 /// Files (and symlinks) up to this many bytes have their bytes inside the manifest by default.
 pub const DEFAULT_SMALL_FILE_LIMIT: u64 = 128 * 1024;
 /// The HTTP content type of the transfer form (one zstd frame of the SQLite file).
-pub const TRANSFER_CONTENT_TYPE: &str = "application/zstd";
+pub const TRANSFER_CONTENT_TYPE: &str = podfs_protocol::frame::CONTENT_TYPE;
 
 const SCHEMA: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -57,6 +57,8 @@ pub enum Error {
     BadEntry { path: String, problem: String },
     #[error("manifest BLOB {hash} does not hash to its name (it hashes to {actual})")]
     BlobMismatch { hash: ContentHash, actual: ContentHash },
+    #[error("manifest transfer frame")]
+    Frame(#[source] podfs_protocol::frame::FrameError),
     #[error("manifest file hashes to {actual}, the gateway stated {expected}")]
     FileMismatch { expected: ContentHash, actual: ContentHash },
     #[error("manifest file is {actual} bytes, the gateway stated {expected}")]

@@ -167,14 +167,16 @@ fn transfer_round_trip_and_refusals() {
     let wrong = ContentHash::of(b"x");
     assert!(matches!(
         decompress_verified(frame.as_slice(), &wrong, c.size, Vec::new()),
-        Err(Error::FileMismatch { .. })
+        Err(podfs_protocol::frame::FrameError::HashMismatch { .. })
     ));
     // a frame inflating past the stated size is cut off at the cap
     assert!(matches!(
         decompress_verified(frame.as_slice(), &c.hash, c.size - 1, Vec::new()),
-        Err(Error::SizeMismatch { .. })
+        Err(podfs_protocol::frame::FrameError::SizeMismatch { .. })
     ));
     let truncated = &frame[..frame.len() / 2];
     assert!(decompress_verified(truncated, &c.hash, c.size, Vec::new()).is_err());
     assert!(decompress_verified(&b"garbage"[..], &c.hash, c.size, Vec::new()).is_err());
+    let as_manifest_error = Error::from(decompress_verified(frame.as_slice(), &wrong, c.size, Vec::new()).unwrap_err());
+    assert!(matches!(as_manifest_error, Error::FileMismatch { .. }), "{as_manifest_error:?}");
 }

@@ -17,6 +17,7 @@
 use std::io::{self, Read, Write};
 
 use crate::ContentHash;
+use crate::frame::HashingWriter;
 
 pub const MAGIC: &[u8; 4] = b"PFSB";
 pub const FORMAT_VERSION: u8 = 1;
@@ -173,7 +174,7 @@ pub fn decode_to(mut stored: impl Read, expected: &ContentHash, out: impl Write)
     let mut raw = [0u8; HEADER_LEN];
     stored.read_exact(&mut raw).map_err(|_| BlobError::BadHeader)?;
     let header = Header::parse(&raw)?;
-    let mut sink = HashingWriter { inner: out, hasher: blake3::Hasher::new(), n: 0 };
+    let mut sink = HashingWriter::new(out);
     let limit = header.content_len + 1;
     match header.codec {
         Codec::Raw => {
@@ -184,15 +185,15 @@ pub fn decode_to(mut stored: impl Read, expected: &ContentHash, out: impl Write)
             io::copy(&mut dec.take(limit), &mut sink)?;
         }
     }
-    if sink.n != header.content_len {
-        return Err(BlobError::Length { expected: header.content_len, actual: sink.n });
+    sink.flush()?;
+    let (actual, n) = sink.finish();
+    if n != header.content_len {
+        return Err(BlobError::Length { expected: header.content_len, actual: n });
     }
-    let actual = ContentHash::from(sink.hasher.finalize());
     if &actual != expected {
         return Err(BlobError::HashMismatch { expected: *expected, actual });
     }
-    sink.inner.flush()?;
-    Ok(sink.n)
+    Ok(n)
 }
 
 struct CountingWriter<W> {
@@ -203,24 +204,6 @@ struct CountingWriter<W> {
 impl<W: Write> Write for CountingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.n += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-struct HashingWriter<W> {
-    inner: W,
-    hasher: blake3::Hasher,
-    n: u64,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
         self.n += n as u64;
         Ok(n)
     }

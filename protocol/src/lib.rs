@@ -1,11 +1,12 @@
 //! Wire types shared by every podfs process.
 //!
 //! Everything that crosses a process boundary lives here: the content hash, the stored blob
-//! format, workspace paths, tree entries and the REST v1 request and response bodies.
+//! format, the transfer frame, workspace paths, tree entries and the REST v1 request and response bodies.
 //! This crate is pure: no async runtime, no sockets, no files. Callers bring the bytes.
 
 pub mod api;
 pub mod blob;
+pub mod frame;
 pub mod hash;
 pub mod path;
 pub mod tree;

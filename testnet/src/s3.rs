@@ -18,6 +18,7 @@ use crate::services::{S3Env, StoreUrl};
 pub fn client(env: &S3Env) -> aws_sdk_s3::Client {
     let mut config = aws_sdk_s3::Config::builder()
         .behavior_version(BehaviorVersion::latest())
+        .http_client(podfs_gateway::store::s3::http_client())
         .region(Region::new(env.region.clone()))
         .credentials_provider(Credentials::new(
             env.access_key_id.clone(),

@@ -9,7 +9,7 @@ use std::fmt;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 /// What to run when the environment is missing.
@@ -124,9 +124,14 @@ impl S3Env {
 
     fn for_store_url_with(store_url: String, get: &impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
         let url = StoreUrl::parse(&store_url)?;
-        let endpoint = url.param("endpoint").or_else(|| get("AWS_ENDPOINT_URL_S3")).or_else(|| get("AWS_ENDPOINT_URL"));
+        let endpoint = url
+            .param("endpoint")
+            .map(str::to_owned)
+            .or_else(|| get("AWS_ENDPOINT_URL_S3"))
+            .or_else(|| get("AWS_ENDPOINT_URL"));
         let region = url
             .param("region")
+            .map(str::to_owned)
             .or_else(|| get("AWS_REGION"))
             .or_else(|| get("AWS_DEFAULT_REGION"))
             .unwrap_or_else(|| "us-east-1".to_owned());
@@ -157,105 +162,8 @@ impl S3Env {
     }
 }
 
-/// `s3://bucket/prefix?query` taken apart. Query parameters are kept as written.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoreUrl {
-    /// The bucket name.
-    pub bucket: String,
-    /// The key prefix, without leading or trailing `/` (may be empty).
-    pub prefix: String,
-    /// Query parameters as written, in order (`endpoint=http://127.0.0.1:3900`, ...).
-    pub query: Vec<(String, String)>,
-}
-
-impl StoreUrl {
-    /// Parses `s3://bucket[/prefix][?k=v&...]`.
-    pub fn parse(url: &str) -> anyhow::Result<Self> {
-        let rest = url.strip_prefix("s3://").ok_or_else(|| anyhow!("not an s3:// store URL: {url}"))?;
-        let (path, query) = match rest.split_once('?') {
-            Some((p, q)) => (p, q),
-            None => (rest, ""),
-        };
-        let (bucket, prefix) = match path.split_once('/') {
-            Some((b, p)) => (b, p.trim_matches('/')),
-            None => (path, ""),
-        };
-        if bucket.is_empty() {
-            bail!("no bucket in store URL: {url}");
-        }
-        let query = query
-            .split('&')
-            .filter(|kv| !kv.is_empty())
-            .map(|kv| match kv.split_once('=') {
-                Some((k, v)) => (k.to_owned(), v.to_owned()),
-                None => (kv.to_owned(), String::new()),
-            })
-            .collect();
-        Ok(Self { bucket: bucket.to_owned(), prefix: prefix.to_owned(), query })
-    }
-
-    /// The value of a query parameter, percent-decoded.
-    pub fn param(&self, name: &str) -> Option<String> {
-        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| percent_decode(v)).filter(|v| !v.is_empty())
-    }
-
-    /// Sets (or adds) a query parameter; `value` is written as is (endpoint URLs need no escaping).
-    pub fn set_param(&mut self, name: &str, value: &str) {
-        match self.query.iter_mut().find(|(k, _)| k == name) {
-            Some((_, v)) => *v = value.to_owned(),
-            None => self.query.push((name.to_owned(), value.to_owned())),
-        }
-    }
-
-    /// The key prefix objects of this store share: `prefix/`, or empty for the bucket root.
-    pub fn key_prefix(&self) -> String {
-        if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) }
-    }
-}
-
-impl fmt::Display for StoreUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "s3://{}", self.bucket)?;
-        if !self.prefix.is_empty() {
-            write!(f, "/{}", self.prefix)?;
-        }
-        for (i, (k, v)) in self.query.iter().enumerate() {
-            let sep = if i == 0 { '?' } else { '&' };
-            if v.is_empty() {
-                write!(f, "{sep}{k}")?;
-            } else {
-                write!(f, "{sep}{k}={v}")?;
-            }
-        }
-        Ok(())
-    }
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                }
-                _ => {
-                    out.push(b'%');
-                    i += 1;
-                }
-            },
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+/// `s3://bucket/prefix?query` taken apart: the gateway's own parser.
+pub use podfs_gateway::store::s3::S3Url as StoreUrl;
 
 /// `n` random bytes as lowercase hex.
 pub fn random_hex(n: usize) -> String {
@@ -472,10 +380,9 @@ mod tests {
         assert_eq!(s.s3.region, "garage");
         assert_eq!(s.blob_store, s.s3.store_url);
         assert_eq!(s.s3_host_port(), "127.0.0.1:3900");
-        assert_eq!(
-            s.blob_store_via(&s.blob_store, "http://127.0.0.1:9"),
-            "s3://podfs-test/t?endpoint=http://127.0.0.1:9&region=garage"
-        );
+        let via = StoreUrl::parse(&s.blob_store_via(&s.blob_store, "http://127.0.0.1:9")).unwrap();
+        assert_eq!((via.bucket.as_str(), via.prefix.as_str()), ("podfs-test", "t"));
+        assert_eq!((via.param("endpoint"), via.param("region")), (Some("http://127.0.0.1:9"), Some("garage")));
         assert!(!format!("{:?}", s.s3).contains("secret\""));
 
         // Endpoint and region from the AWS variables when the URL has none.
@@ -500,11 +407,9 @@ mod tests {
         assert_eq!(parsed.bucket, "bucket");
         assert_eq!(parsed.prefix, "pre/fix");
         assert_eq!(parsed.key_prefix(), "pre/fix/");
-        assert_eq!(parsed.to_string(), u);
-        assert_eq!(
-            StoreUrl::parse("s3://b?endpoint=http%3A%2F%2Fh%3A1").unwrap().param("endpoint").as_deref(),
-            Some("http://h:1")
-        );
+        assert_eq!(StoreUrl::parse(&parsed.to_string()).unwrap(), parsed);
+        assert_eq!(parsed.param("endpoint"), Some("http://127.0.0.1:3900"));
+        assert_eq!(StoreUrl::parse("s3://b?endpoint=http%3A%2F%2Fh%3A1").unwrap().param("endpoint"), Some("http://h:1"));
 
         let fresh = fresh_s3_prefix(u);
         let f = StoreUrl::parse(&fresh).unwrap();
@@ -514,14 +419,11 @@ mod tests {
         assert_ne!(fresh, fresh_s3_prefix(u));
         assert!(StoreUrl::parse(&fresh_s3_prefix("s3://b")).unwrap().prefix.starts_with("t-"));
 
-        assert_eq!(
-            store_url_with_endpoint(u, "http://127.0.0.1:4000").unwrap(),
-            "s3://bucket/pre/fix?endpoint=http://127.0.0.1:4000&region=garage"
-        );
-        assert_eq!(
-            store_url_with_endpoint("s3://b/p", "http://127.0.0.1:4000").unwrap(),
-            "s3://b/p?endpoint=http://127.0.0.1:4000"
-        );
+        let moved = StoreUrl::parse(&store_url_with_endpoint(u, "http://127.0.0.1:4000").unwrap()).unwrap();
+        assert_eq!((moved.param("endpoint"), moved.param("region")), (Some("http://127.0.0.1:4000"), Some("garage")));
+        assert_eq!(moved.prefix, "pre/fix");
+        let added = StoreUrl::parse(&store_url_with_endpoint("s3://b/p", "http://127.0.0.1:4000").unwrap()).unwrap();
+        assert_eq!(added.query, [("endpoint".to_string(), "http://127.0.0.1:4000".to_string())]);
         assert!(StoreUrl::parse("http://x").is_err());
     }
 

@@ -263,7 +263,7 @@ async fn tampered_blob_in_s3_is_never_served() {
 
     let err = client.get_file("t", VersionRef::Head, &WsPath::new("a.txt").expect("path")).await.err();
     let err = err.expect("a tampered blob must not be served");
-    assert_eq!(err.code(), Some("corrupt"), "{err}");
+    assert_eq!(err.code(), Some(podfs_protocol::api::ErrorCode::Corrupt), "{err}");
     let out = tmp.path().join("out");
     let pulled = pull(&client, "t", VersionRef::Head, &out, PullOptions::default()).await;
     assert!(pulled.is_err(), "pull must refuse the tampered blob");

@@ -39,7 +39,7 @@ pub enum Error {
     CorruptManifest {
         what: String,
         #[source]
-        source: podfs_manifest::Error,
+        source: podfs_protocol::frame::FrameError,
     },
     /// A presigned URL was refused (400, 401 or 403 from the object store): usually it expired.
     /// Fetch fresh locations and try again.

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use futures::TryStreamExt;
-use podfs_manifest::transfer;
 use podfs_protocol::api::{MANIFEST_BASE_HEADER, MANIFEST_HASH_HEADER, MANIFEST_SIZE_HEADER, VERSION_HEADER};
+use podfs_protocol::frame::{self, FrameError};
 use podfs_protocol::{ContentHash, VersionRef};
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
@@ -109,11 +109,11 @@ impl Client {
         tokio::task::spawn_blocking(move || {
             let mut sink = BufWriter::with_capacity(STREAM_BUF, out);
             let r =
-                transfer::decompress_verified(io::BufReader::with_capacity(STREAM_BUF, reader), &hash, size, &mut sink)
+                frame::decompress_verified(io::BufReader::with_capacity(STREAM_BUF, reader), &hash, size, &mut sink)
                     .and_then(|()| Ok(sink.flush()?));
             match r {
                 Ok(()) => Ok(()),
-                Err(podfs_manifest::Error::Io(e)) => Err(Error::Io(e)),
+                Err(FrameError::Io(e)) => Err(Error::Io(e)),
                 Err(source) => Err(Error::CorruptManifest { what, source }),
             }
         })

@@ -35,70 +35,89 @@ pub struct S3Backend {
     url: String,
 }
 
-struct Parsed {
-    bucket: String,
-    prefix: String,
-    endpoint: Option<String>,
-    region: Option<String>,
-    path_style: Option<bool>,
+/// The S3 SDK's HTTPS client: hyper 1 and rustls 0.23 on the ring provider, the same stack as
+/// reqwest and quinn elsewhere in podfs. The SDK's default client would bring hyper 0.14,
+/// rustls 0.21 and aws-lc as a second stack (CRATES.md trap 11).
+pub fn http_client() -> aws_sdk_s3::config::SharedHttpClient {
+    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+    aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https()
 }
 
-fn parse(url: &str) -> anyhow::Result<Parsed> {
-    let rest = url.strip_prefix("s3://").ok_or_else(|| anyhow::anyhow!("not an s3:// URL: {url}"))?;
-    let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
-    anyhow::ensure!(!bucket.is_empty(), "blob store {url:?} names no bucket");
-    let prefix = prefix.trim_matches('/');
-    let mut p = Parsed {
-        bucket: bucket.to_string(),
-        prefix: if prefix.is_empty() { String::new() } else { format!("{prefix}/") },
-        endpoint: None,
-        region: None,
-        path_style: None,
-    };
-    for pair in query.split('&').filter(|s| !s.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode(v);
-        match k {
-            "endpoint" => p.endpoint = Some(v),
-            "region" => p.region = Some(v),
-            "path_style" => p.path_style = Some(matches!(v.as_str(), "true" | "1" | "yes")),
-            other => anyhow::bail!("blob store {url:?}: unknown parameter {other:?} (endpoint, region, path_style)"),
-        }
-    }
-    Ok(p)
+/// A store URL `s3://bucket[/prefix][?endpoint=URL&region=R&path_style=true|false]`, the one
+/// parser of them (the gateway and the test harness share it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Url {
+    pub bucket: String,
+    /// The key prefix without leading or trailing `/` (may be empty).
+    pub prefix: String,
+    /// Query parameters, percent-decoded, in order.
+    pub query: Vec<(String, String)>,
 }
 
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(b);
-            i += 3;
-            continue;
+/// The query parameters a store URL may carry.
+const PARAMS: [&str; 3] = ["endpoint", "region", "path_style"];
+
+impl S3Url {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        anyhow::ensure!(s.starts_with("s3://"), "not an s3:// URL: {s}");
+        let url = url::Url::parse(s).map_err(|e| anyhow::anyhow!("blob store {s:?}: {e}"))?;
+        let bucket = url.host_str().unwrap_or_default().to_string();
+        anyhow::ensure!(!bucket.is_empty(), "blob store {s:?} names no bucket");
+        let query: Vec<(String, String)> = url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+        if let Some((k, _)) = query.iter().find(|(k, _)| !PARAMS.contains(&k.as_str())) {
+            anyhow::bail!("blob store {s:?}: unknown parameter {k:?} (endpoint, region, path_style)");
         }
-        out.push(bytes[i]);
-        i += 1;
+        Ok(Self { bucket, prefix: url.path().trim_matches('/').to_string(), query })
     }
-    String::from_utf8_lossy(&out).into_owned()
+
+    /// The value of a query parameter; `None` when absent or empty.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+    }
+
+    /// Sets (or adds) a query parameter.
+    pub fn set_param(&mut self, name: &str, value: &str) {
+        match self.query.iter_mut().find(|(k, _)| k == name) {
+            Some((_, v)) => *v = value.to_string(),
+            None => self.query.push((name.to_string(), value.to_string())),
+        }
+    }
+
+    /// The prefix every key of this store starts with: `prefix/`, or empty for the bucket root.
+    pub fn key_prefix(&self) -> String {
+        if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) }
+    }
+
+    fn path_style(&self) -> Option<bool> {
+        self.param("path_style").map(|v| matches!(v, "true" | "1" | "yes"))
+    }
+}
+
+impl std::fmt::Display for S3Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "s3://{}", self.bucket)?;
+        if !self.prefix.is_empty() {
+            write!(f, "/{}", self.prefix)?;
+        }
+        if !self.query.is_empty() {
+            let q = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(&self.query).finish();
+            write!(f, "?{q}")?;
+        }
+        Ok(())
+    }
 }
 
 impl S3Backend {
     pub async fn from_url(url: &str, opts: &S3Options) -> anyhow::Result<Self> {
-        let p = parse(url)?;
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if let Some(r) = &p.region {
-            loader = loader.region(Region::new(r.clone()));
+        let p = S3Url::parse(url)?;
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http_client());
+        if let Some(r) = p.param("region") {
+            loader = loader.region(Region::new(r.to_string()));
         }
         let sdk = loader.load().await;
         let endpoint = p
-            .endpoint
-            .clone()
+            .param("endpoint")
+            .map(str::to_string)
             .or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").or_else(|_| std::env::var("AWS_ENDPOINT_URL")).ok());
         let (checksum_req, checksum_resp) = if opts.checksums_when_supported {
             (RequestChecksumCalculation::WhenSupported, ResponseChecksumValidation::WhenSupported)
@@ -106,7 +125,7 @@ impl S3Backend {
             (RequestChecksumCalculation::WhenRequired, ResponseChecksumValidation::WhenRequired)
         };
         let mut b = aws_sdk_s3::config::Builder::from(&sdk)
-            .force_path_style(p.path_style.unwrap_or(endpoint.is_some()))
+            .force_path_style(p.path_style().unwrap_or(endpoint.is_some()))
             .request_checksum_calculation(checksum_req)
             .response_checksum_validation(checksum_resp)
             .timeout_config(
@@ -124,8 +143,8 @@ impl S3Backend {
         Ok(Self {
             client: aws_sdk_s3::Client::from_conf(b.build()),
             bucket: p.bucket.clone(),
-            prefix: p.prefix.clone(),
-            url: format!("s3://{}/{}", p.bucket, p.prefix),
+            prefix: p.key_prefix(),
+            url: format!("s3://{}/{}", p.bucket, p.key_prefix()),
         })
     }
 
@@ -237,15 +256,21 @@ mod tests {
 
     #[test]
     fn parses_store_urls() {
-        let p = parse("s3://bkt/some/prefix/?endpoint=http%3A%2F%2F127.0.0.1%3A3900&region=garage").unwrap();
+        let p = S3Url::parse("s3://bkt/some/prefix/?endpoint=http%3A%2F%2F127.0.0.1%3A3900&region=garage").unwrap();
         assert_eq!(p.bucket, "bkt");
-        assert_eq!(p.prefix, "some/prefix/");
-        assert_eq!(p.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
-        assert_eq!(p.region.as_deref(), Some("garage"));
-        let p = parse("s3://bkt?endpoint=http://h:1&path_style=false").unwrap();
-        assert_eq!(p.prefix, "");
-        assert_eq!(p.path_style, Some(false));
-        assert!(parse("s3:///x").is_err());
-        assert!(parse("s3://b?bogus=1").is_err());
+        assert_eq!(p.key_prefix(), "some/prefix/");
+        assert_eq!(p.param("endpoint"), Some("http://127.0.0.1:3900"));
+        assert_eq!(p.param("region"), Some("garage"));
+        let p = S3Url::parse("s3://bkt?endpoint=http://h:1&path_style=false").unwrap();
+        assert_eq!(p.key_prefix(), "");
+        assert_eq!(p.path_style(), Some(false));
+        assert!(S3Url::parse("s3:///x").is_err());
+        assert!(S3Url::parse("s3://b?bogus=1").is_err());
+        assert!(S3Url::parse("http://b").is_err());
+        // Display round-trips, with the values encoded
+        let mut u = S3Url::parse("s3://b/p/q?region=r").unwrap();
+        u.set_param("endpoint", "http://h:1/x?y");
+        assert_eq!(S3Url::parse(&u.to_string()).unwrap(), u);
+        assert_eq!(u.param("endpoint"), Some("http://h:1/x?y"));
     }
 }

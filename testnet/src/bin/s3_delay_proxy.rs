@@ -220,6 +220,8 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // the one rustls provider of the workspace (ring), chosen explicitly
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let upstream = args.upstream.trim_end_matches('/').to_string();
     anyhow::ensure!(upstream.starts_with("http://"), "--upstream must be http://HOST:PORT, got {upstream:?}");

@@ -23,6 +23,8 @@ const USAGE: &str = "usage: podfs-s3-object put STORE_URL KEY FILE | get STORE_U
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // the one rustls provider of the workspace (ring), chosen explicitly
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["put", url, key, file] => {
