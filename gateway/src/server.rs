@@ -49,6 +49,15 @@ pub fn metrics_handle() -> PrometheusHandle {
 
 /// Connects the metadata and blob stores and settles the admin token.
 pub async fn build(config: Config) -> anyhow::Result<AppState> {
+    let backend =
+        store::from_url(&config.blob_store, &store::s3::S3Options { checksums_when_supported: config.s3_checksums })
+            .await?;
+    build_with_backend(config, backend).await
+}
+
+/// [`build`] over a blob backend the caller made instead of `config.blob_store` (tests wrap
+/// one in [`store::faults::Faulty`]).
+pub async fn build_with_backend(config: Config, backend: Arc<dyn store::BlobBackend>) -> anyhow::Result<AppState> {
     tokio::fs::create_dir_all(&config.data_dir)
         .await
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
@@ -57,9 +66,6 @@ pub async fn build(config: Config) -> anyhow::Result<AppState> {
     let meta = MetaStore::connect(&config.database_url)
         .await
         .map_err(|e| anyhow::anyhow!("connecting the metadata database: {e}"))?;
-    let backend =
-        store::from_url(&config.blob_store, &store::s3::S3Options { checksums_when_supported: config.s3_checksums })
-            .await?;
     let admin_token = admin_token(&config).await?;
     let blobs = BlobService::new(backend, meta.clone(), spool.clone(), config.max_blob_size, config.presign_ttl);
     let manifests = ManifestService::new(meta.clone(), blobs.clone(), spool, config.manifest_small_file_limit);

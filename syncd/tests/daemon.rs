@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use podfs_client::Client;
 use podfs_protocol::api::CommitRequest;
 use podfs_protocol::{Change, ContentHash, Entry, EntryKind, VersionRef, WsPath};
-use podfs_syncd::daemon::status::{STATUS_FILE, Status};
+use podfs_syncd::daemon::status::{DaemonState, STATUS_FILE, Status};
 use podfs_syncd::{PushOptions, push};
 use podfs_testnet::gateway::{ADMIN_TOKEN, TestGateway};
 use podfs_testnet::proxy::FaultProxy;
@@ -28,10 +28,12 @@ struct Syncd {
 }
 
 impl Syncd {
-    fn start(gateway: &str, ws: &str, dir: &Path, scratch: &Path) -> Self {
+    /// Starts `podfs syncd` on `dir`, with `extra` flags.
+    fn start(gateway: &str, ws: &str, dir: &Path, scratch: &Path, extra: &[&str]) -> Self {
         let log = scratch.join(format!("syncd-{}.log", rand_tag()));
         let child = Command::new(env!("CARGO_BIN_EXE_podfs"))
             .args(["--gateway", gateway, "--token", ADMIN_TOKEN, "syncd", "--workspace", ws])
+            .args(extra)
             .arg(dir)
             .arg("--cache-dir")
             .arg(scratch.join("cache"))
@@ -59,7 +61,7 @@ impl Syncd {
             if let Some(code) = self.child.try_wait().expect("wait") {
                 panic!("syncd exited ({code}):\n{}", self.log());
             }
-            if self.status().is_some_and(|s| s.state == "watching") {
+            if self.status().is_some_and(|s| s.state == DaemonState::Watching) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -113,7 +115,7 @@ async fn wait_synced(d: &Syncd, client: &Client, ws: &str) -> u64 {
     let mut last = String::new();
     while Instant::now() < deadline {
         if let Some(s) = d.status()
-            && s.state == "watching"
+            && s.state == DaemonState::Watching
             && s.pending_changes == 0
         {
             let disk = disk_tree(&d.dir);
@@ -177,15 +179,15 @@ impl World {
         Self { gw, db, tmp, client, ws, dir }
     }
 
-    /// Starts syncd on `dir` through `gateway` and waits until it watches.
-    async fn syncd_via(&self, gateway: &str) -> Syncd {
-        let mut d = Syncd::start(gateway, self.ws, &self.dir, self.tmp.path());
+    /// Starts syncd on `dir` through `gateway` with `extra` flags and waits until it watches.
+    async fn syncd_via(&self, gateway: &str, extra: &[&str]) -> Syncd {
+        let mut d = Syncd::start(gateway, self.ws, &self.dir, self.tmp.path(), extra);
         d.wait_watching().await;
         d
     }
 
     async fn syncd(&self) -> Syncd {
-        self.syncd_via(&self.gw.url).await
+        self.syncd_via(&self.gw.url, &[]).await
     }
 
     async fn synced(&self, d: &Syncd) -> u64 {
@@ -253,7 +255,7 @@ async fn every_kind_of_edit_reaches_a_version() {
     let (ok, out) = w.gw.cli(&["--json", "status", dir.to_str().expect("utf-8")]).await;
     assert!(ok, "{out}");
     let s: Status = serde_json::from_str(&out).expect("status json");
-    assert_eq!((s.state.as_str(), s.head_version, s.pending_changes), ("watching", last, 0));
+    assert_eq!((s.state, s.head_version, s.pending_changes), (DaemonState::Watching, last, 0));
     assert!(s.last_commit.is_some_and(|c| c.version == last));
 
     d.stop();
@@ -262,20 +264,94 @@ async fn every_kind_of_edit_reaches_a_version() {
     w.finish().await;
 }
 
+/// The quiet period and the max delay of the burst test: equal, so that every batch is
+/// committed exactly this long after its first change, however the writes are spread.
+const BURST_DELAY_MS: u64 = 400;
+
+/// A version's `created_at` (RFC 3339, the in-process gateway's clock) in ms since the epoch.
+fn unix_ms(rfc3339: &str) -> i128 {
+    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339).expect("created_at");
+    t.unix_timestamp_nanos() / 1_000_000
+}
+
+fn now_ms() -> i128 {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000
+}
+
+/// The content of burst file `i`: 50 distinct contents, so the test measures batching, not
+/// 10,000 uploads (each distinct content is uploaded once).
+fn module(i: usize) -> String {
+    format!("module.exports = {};\n", i % 50)
+}
+
+/// The message syncd gives a version of `changes` paths made from edits.
+fn edit_message(changes: u64) -> String {
+    format!("syncd: {} ({changes} paths)", if changes >= 100 { "burst" } else { "save" })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_burst_of_10000_files_makes_few_versions() {
+async fn a_burst_of_10000_files_makes_a_version_per_max_delay_at_most() {
     let w = World::new("burst").await;
     let (client, dir) = (&w.client, &w.dir);
-    let d = w.syncd().await;
+    let delay = BURST_DELAY_MS.to_string();
+    let d = w.syncd_via(&w.gw.url, &["--quiet-ms", &delay, "--max-delay-ms", &delay]).await;
     let v0 = w.synced(&d).await;
-    for i in 0..10_000 {
-        write(dir, &format!("node_modules/pkg{}/file{i}.js", i % 100), &format!("module.exports = {i};\n"));
+
+    // A tree moved in at once is one event, so one batch: one version, named a burst.
+    let staged = w.tmp.path().join("staged");
+    for i in 0..1000 {
+        write(&staged, &format!("vendor/pkg{}/file{i}.js", i % 10), &module(i));
     }
+    std::fs::rename(staged.join("vendor"), dir.join("vendor")).expect("move the tree in");
     let v1 = w.synced(&d).await;
-    let made = v1 - v0;
-    assert!((1..=30).contains(&made), "the burst made {made} versions");
-    let newest = &versions(client, "burst").await[0];
-    assert!(newest.message.contains("burst") || made > 1, "{newest:?}");
+    assert_eq!(v1, v0 + 1, "one move, one version");
+    let moved = &versions(client, "burst").await[0];
+    assert_eq!((moved.changes, moved.message.as_str()), (1011, "syncd: burst (1011 paths)"), "{moved:?}");
+
+    // 10,000 files written one by one, as `npm install` does.
+    let started = now_ms();
+    for i in 0..10_000 {
+        write(dir, &format!("node_modules/pkg{}/file{i}.js", i % 100), &module(i));
+    }
+    let v2 = w.synced(&d).await;
+    assert!(
+        !d.log().contains("overflowed"),
+        "the event queue overflowed (fs.inotify.max_queued_events lowered by another test?): this test measures batches, not rescans\n{}",
+        d.log()
+    );
+    let made: Vec<_> = versions(client, "burst").await.into_iter().filter(|v| v.version > v1).collect();
+    assert_eq!(made.len() as u64, v2 - v1);
+    assert!(
+        made.iter().map(|v| v.changes).sum::<u64>() >= 10_100,
+        "every file and directory is in some version: {made:?}"
+    );
+    // Each version is named for its size: a batch of at least 100 paths is a burst.
+    for v in &made {
+        assert_eq!(v.message, edit_message(v.changes), "{v:?}");
+    }
+    assert!(made.iter().any(|v| v.message.contains("burst")), "{made:?}");
+    // A version per max delay at most: a batch is taken BURST_DELAY_MS after its first change,
+    // which came after the previous batch was taken, so batches are taken at least that far
+    // apart. The first batch of the burst was taken after the first write, and each version is
+    // made after its batch was taken: the last of n versions came at least (n - 1) x
+    // BURST_DELAY_MS after the first write (a slow machine only adds to that; the 2 ms cover
+    // the truncation of both clocks to ms).
+    let last = made.iter().map(|v| unix_ms(&v.created_at)).max().expect("the burst made versions");
+    let spread = last - started;
+    assert!(
+        (made.len() as i128 - 1) * i128::from(BURST_DELAY_MS) <= spread + 2,
+        "{} versions within {spread} ms of the first write: more than one per {BURST_DELAY_MS} ms",
+        made.len()
+    );
+    // Every file of the burst is in head, with its content.
+    let (_, head) = head_tree(client, "burst").await;
+    let files: std::collections::HashMap<&str, Option<ContentHash>> =
+        head.iter().filter(|e| e.kind == EntryKind::File).map(|e| (e.path.as_str(), e.hash)).collect();
+    for i in 0..10_000 {
+        let path = format!("node_modules/pkg{}/file{i}.js", i % 100);
+        let want = ContentHash::of(module(i).as_bytes());
+        assert_eq!(files.get(path.as_str()), Some(&Some(want)), "{path}");
+    }
     d.stop();
     w.finish().await;
 }
@@ -319,6 +395,24 @@ async fn an_overflowed_event_queue_still_ends_equal_to_disk() {
     w.finish().await;
 }
 
+/// Holds the daemon's next commit in front of the gateway, waits until the daemon is inside that
+/// commit by its own account, and kills it with -9 while the request is provably in flight.
+async fn kill_9_during_a_held_commit(w: &World, d: Syncd) {
+    let held = tokio::time::timeout(WAIT, w.gw.hold.wait_held()).await.unwrap_or_else(|_| {
+        panic!("the daemon never sent its commit:\n{}", d.log());
+    });
+    assert_eq!(held, format!("/v1/workspaces/{}/versions", w.ws));
+    assert_eq!(d.status().map(|s| s.state), Some(DaemonState::Committing), "the daemon is mid-commit");
+    d.kill9();
+    assert!(w.gw.hold.is_holding(), "the commit was still in flight when the daemon died");
+}
+
+/// The paths `from`..`to` changed.
+async fn changed_paths(client: &Client, ws: &str, from: u64, to: u64) -> Vec<String> {
+    let diff = client.diff(ws, VersionRef::Number(from), VersionRef::Number(to)).await.expect("diff");
+    diff.changes.into_iter().map(|c| c.path).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_mid_commit_and_offline_edits_lose_nothing() {
     let w = World::new("crash").await;
@@ -328,15 +422,18 @@ async fn kill_9_mid_commit_and_offline_edits_lose_nothing() {
     write(dir, "acknowledged.txt", "saved before the crash");
     let acked = w.synced(&d).await;
 
-    // a burst, and kill -9 while it is being committed
-    for i in 0..3000 {
-        write(dir, &format!("burst/f{i}.txt"), &format!("{i}\n"));
+    // 1. The commit reaches the gateway after the daemon died: it lands, nobody hears the answer.
+    w.gw.hold.arm_commit();
+    // moved in with one rename: one event, one batch, one held commit however slow the machine
+    let staged = w.tmp.path().join("staged-burst");
+    for i in 0..500 {
+        write(&staged, &format!("burst/f{i}.txt"), &format!("{i}\n"));
     }
-    let deadline = Instant::now() + WAIT;
-    while d.status().is_none_or(|s| s.state != "committing") && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    d.kill9();
+    std::fs::rename(staged.join("burst"), dir.join("burst")).expect("move the burst in");
+    kill_9_during_a_held_commit(&w, d).await;
+    assert_eq!(w.gw.hold.forward().await, axum::http::StatusCode::CREATED, "the orphaned commit lands");
+    let landed = acked + 1;
+    assert_eq!(client.workspace("crash").await.expect("ws").head, landed);
     // edits while no daemon runs
     write(dir, "offline.txt", "written while syncd was down");
     write(dir, "README.md", "changed offline\n");
@@ -344,11 +441,32 @@ async fn kill_9_mid_commit_and_offline_edits_lose_nothing() {
 
     let d = w.syncd().await;
     let head = w.synced(&d).await;
-    assert!(head > acked);
+    assert!(head > landed);
+    // nothing duplicated: after the landed version, only the offline edits were committed
+    let after = changed_paths(client, "crash", landed, head).await;
+    assert_eq!(after, ["README.md", "offline.txt", "src/lib", "src/lib/util.rs"], "{after:?}");
+    let history = client.history("crash", "burst/f0.txt").await.expect("history").revisions;
+    assert_eq!(history.iter().map(|r| r.from_version).collect::<Vec<_>>(), [landed], "{history:?}");
+    assert!(d.status().is_some_and(|s| s.conflicts.is_empty()), "no conflict with itself: {:?}", d.status());
     // the acknowledged save is in its version, byte for byte
     let pulled = w.tmp.path().join("acked");
     podfs_syncd::pull(client, "crash", VersionRef::Number(acked), &pulled, Default::default()).await.expect("pull");
     assert_eq!(std::fs::read_to_string(pulled.join("acknowledged.txt")).expect("read"), "saved before the crash");
+
+    // 2. The commit never reaches the gateway: after the restart it is made once.
+    w.gw.hold.arm_commit();
+    for i in 0..500 {
+        write(dir, &format!("second/f{i}.txt"), &format!("{i}\n"));
+    }
+    kill_9_during_a_held_commit(&w, d).await;
+    w.gw.hold.refuse();
+    assert_eq!(client.workspace("crash").await.expect("ws").head, head, "the refused commit made nothing");
+    let d = w.syncd().await;
+    let head2 = w.synced(&d).await;
+    let after = changed_paths(client, "crash", head, head2).await;
+    assert_eq!(after.len(), 501, "second/ and its 500 files, nothing else: {after:?}");
+    assert!(after.iter().all(|p| p.starts_with("second")), "{after:?}");
+    assert_eq!(w.gw.hold.held_count(), 2);
     d.stop();
     w.finish().await;
 }
@@ -358,14 +476,14 @@ async fn changes_wait_while_the_gateway_is_down() {
     let w = World::new("outage").await;
     let (client, dir) = (&w.client, &w.dir);
     let proxy = FaultProxy::start(w.gw.config.listen).await.expect("proxy");
-    let d = w.syncd_via(&proxy.http_url()).await;
+    let d = w.syncd_via(&proxy.http_url(), &[]).await;
     let before = w.synced(&d).await;
 
     proxy.set_down(true);
     write(dir, "during-outage.txt", "one");
     write(dir, "src/main.rs", "fn main() { /* edited during the outage */ }\n");
     let deadline = Instant::now() + WAIT;
-    while !d.status().is_some_and(|s| s.state == "offline" && s.last_error.is_some()) {
+    while !d.status().is_some_and(|s| s.state == DaemonState::Offline && s.last_error.is_some()) {
         assert!(Instant::now() < deadline, "syncd never noticed the outage: {:?}", d.status());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -477,7 +595,7 @@ async fn a_name_that_is_not_utf8_is_skipped_and_the_rest_still_syncs() {
         assert!(Instant::now() < deadline, "good.txt never reached head:\n{}", d.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(d.status().is_some_and(|s| s.state == "watching" && s.pending_changes == 0), "{:?}", d.status());
+    assert!(d.status().is_some_and(|s| s.state == DaemonState::Watching && s.pending_changes == 0), "{:?}", d.status());
     // a full reconciliation (as at a restart) skips it too
     d.stop();
     let d = w.syncd().await;

@@ -7,6 +7,7 @@
 
 pub mod blobs;
 pub mod conformance;
+pub mod faults;
 pub mod file;
 pub mod memory;
 pub mod s3;
