@@ -12,7 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use podfs_client::Client;
 use podfs_protocol::{ContentHash, VersionRef};
-use podfs_syncd::{HydrateOptions, HydrateReport, PushOptions, hydrate, push};
+use podfs_syncd::{HydrateMode, HydrateOptions, HydrateReport, PushOptions, hydrate, push};
 use podfs_testnet::gateway::{ADMIN_TOKEN, TestGateway};
 use podfs_testnet::tree::{EdgeTree, assert_same_tree, make_edge_tree};
 
@@ -48,7 +48,7 @@ async fn round_trip_and_reuse(gw: &TestGateway, spec: EdgeTree) {
     let cache = tmp.path().join("cache");
     let cold = pull(&client, "a", 1, &tmp.path().join("cold"), &cache).await;
     assert_same_tree(&src, &tmp.path().join("cold"));
-    assert_eq!(cold.mode, "fresh");
+    assert_eq!(cold.mode, HydrateMode::Fresh);
     assert!(cold.sources.manifest.files > spec.small_files as u64, "{cold:?}");
     assert!(cold.sources.manifest.transfer_bytes > 0);
     assert!(cold.sources.s3.files >= 1, "the big file comes from the blob store: {cold:?}");
@@ -147,14 +147,14 @@ async fn switching_versions_in_place() {
     let untouched = dir.join("src/deep/er/still/pkg7/m7.js");
     let inode = inode_of(&untouched);
     let up = pull(&client, "s", 2, &dir, &cache).await;
-    assert_eq!(up.mode, "switch");
+    assert_eq!(up.mode, HydrateMode::Switch);
     assert_same_tree(&src, &dir);
     assert_eq!(inode_of(&untouched), inode, "paths that do not differ are not rewritten");
     assert!(up.files + up.symlinks <= 7, "only the differing paths are written: {up:?}");
     let down = pull(&client, "s", 1, &dir, &cache).await;
     assert_eq!(down.from_version, Some(2));
     assert_same_tree(&v1, &dir);
-    assert_eq!(pull(&client, "s", 1, &dir, &cache).await.mode, "unchanged");
+    assert_eq!(pull(&client, "s", 1, &dir, &cache).await.mode, HydrateMode::Unchanged);
 
     // a local edit of a path that differs is refused, and kept
     std::fs::write(dir.join("README.md"), "my local edit\n").expect("local edit");

@@ -17,17 +17,18 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::Context;
-use bytes::Bytes;
 use podfs_client::Client;
 use podfs_protocol::api::CommitRequest;
 use podfs_protocol::{Change, ContentHash, Entry, EntryKind, VersionRef};
 
-use super::index::Index;
-use crate::cache::ContentCache;
+use podfs_cache::ContentCache;
+
+use super::local::{Counts, LocalTree, Pending};
 use crate::changes::{changes_of_diff, compute_changes};
-use crate::hydrate::{self, HydrateOptions};
-use crate::push::{self, PushError};
-use crate::scan::{LocalTree, Source};
+use crate::local::hash;
+use crate::local::scan::{Source, Sources};
+use crate::transfer::hydrate::{self, HydrateOptions};
+use crate::transfer::push::{self, PushError};
 
 /// What a commit needs besides the index.
 pub struct Ctx<'a> {
@@ -38,6 +39,8 @@ pub struct Ctx<'a> {
     pub cache: &'a ContentCache,
     /// For writing the other writer's changes (`keep_local` set).
     pub hydrate: &'a HydrateOptions,
+    /// The index, on its thread.
+    pub local: &'a LocalTree,
 }
 
 /// How one attempt ended.
@@ -46,6 +49,7 @@ pub enum Attempt {
     Committed {
         version: u64,
         changes: usize,
+        counts: Counts,
     },
     /// Head moved; the other writer's changes are merged into the base and the disk. `touched`
     /// must be looked at again; `conflicts` were changed on both sides.
@@ -53,6 +57,7 @@ pub enum Attempt {
         touched: Vec<String>,
         conflicts: Vec<String>,
         head: u64,
+        counts: Counts,
     },
     /// These paths changed after they were hashed: look again, then retry.
     Changed(Vec<String>),
@@ -60,41 +65,48 @@ pub enum Attempt {
     Failed(anyhow::Error),
 }
 
-/// Commits the pending paths of `idx`.
-pub async fn commit(ctx: &Ctx<'_>, idx: &mut Index, message: String) -> Attempt {
-    let (client, root) = (ctx.client, ctx.root);
-    let (local, base) = idx.pending_trees();
-    let changes = compute_changes(&local, &base);
-    if changes.is_empty() {
-        return Attempt::Committed { version: idx.base_version, changes: 0 };
+/// Commits the pending paths of the index.
+pub async fn commit(ctx: &Ctx<'_>, message: String) -> Attempt {
+    match try_commit(ctx, message).await {
+        Ok(a) => a,
+        Err(e) => Attempt::Failed(e),
     }
-    let ws = idx.workspace.clone();
-    match upload(client, &ws, root, &changes).await {
-        Ok(()) => {}
-        Err(e) => {
-            if let Some(PushError::ChangedWhilePushing { path }) = e.downcast_ref::<PushError>() {
-                let rel = Path::new(path).strip_prefix(root).map(|p| p.to_string_lossy().into_owned());
-                return Attempt::Changed(vec![rel.unwrap_or_else(|_| path.clone())]);
-            }
-            return Attempt::Failed(e);
+}
+
+async fn try_commit(ctx: &Ctx<'_>, message: String) -> anyhow::Result<Attempt> {
+    let (client, root) = (ctx.client, ctx.root);
+    let pending = ctx.local.pending().await?;
+    let changes = compute_changes(&pending.local, &pending.base);
+    if changes.is_empty() {
+        let counts = ctx.local.counts().await?;
+        return Ok(Attempt::Committed { version: pending.base_version, changes: 0, counts });
+    }
+    let ws = pending.workspace.clone();
+    if let Err(e) = upload(client, &ws, root, &changes).await {
+        if let Some(PushError::ChangedWhilePushing { path }) = e.downcast_ref::<PushError>() {
+            let rel = Path::new(path).strip_prefix(root).map(|p| p.to_string_lossy().into_owned());
+            return Ok(Attempt::Changed(vec![rel.unwrap_or_else(|_| path.clone())]));
         }
+        return Err(e);
     }
     let req = CommitRequest {
-        parent_version: idx.base_version,
+        parent_version: pending.base_version,
         message: Some(message),
         author: Some(ctx.author.to_string()),
         changes: changes.clone(),
     };
     match client.commit(&ws, &req).await {
-        Ok(info) => match idx.advance_base(info.version, &changes) {
-            Ok(()) => Attempt::Committed { version: info.version, changes: changes.len() },
-            Err(e) => Attempt::Failed(e.context("committed, but the local index could not record it")),
-        },
-        Err(e) if e.is_conflict() => match rebase(ctx, idx).await {
-            Ok(a) => a,
-            Err(e) => Attempt::Failed(e),
-        },
-        Err(e) => Attempt::Failed(anyhow::Error::new(e).context(format!("cannot commit to {ws}"))),
+        Ok(info) => {
+            let n = changes.len();
+            let counts = ctx
+                .local
+                .advance(info.version, changes)
+                .await
+                .context("committed, but the local index could not record it")?;
+            Ok(Attempt::Committed { version: info.version, changes: n, counts })
+        }
+        Err(e) if e.is_conflict() => rebase(ctx, &pending).await,
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot commit to {ws}"))),
     }
 }
 
@@ -116,34 +128,34 @@ async fn upload(client: &Client, ws: &str, root: &Path, changes: &[Change]) -> a
         .context("cannot ask the gateway which blobs it lacks")?
         .into_iter()
         .collect();
-    let mut tree = LocalTree::default();
+    let mut sources = Sources::new();
     for e in puts {
         let Some(h) = e.hash.filter(|h| missing.contains(h)) else { continue };
         let local = root.join(e.path.as_str());
         let source = match e.kind {
             EntryKind::Symlink => {
-                let text = std::fs::read_link(&local)
-                    .map(|t| Bytes::copy_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str())));
-                match text {
-                    Ok(t) if ContentHash::of(&t) == h => Source::Inline(t),
+                let link = local.clone();
+                let read = tokio::task::spawn_blocking(move || hash::read_link(&link)).await?;
+                match read {
+                    Ok((actual, text)) if actual == h => Source::Inline(text),
                     _ => return Err(PushError::ChangedWhilePushing { path: local.display().to_string() }.into()),
                 }
             }
             _ => Source::File { path: local, size: e.size },
         };
-        tree.sources.insert(h, source);
+        sources.insert(h, source);
     }
-    let missing: Vec<ContentHash> = tree.sources.keys().copied().collect();
+    let missing: Vec<ContentHash> = sources.keys().copied().collect();
     let opts = push::PushOptions { progress: false, ..Default::default() };
-    push::upload(client, ws, &tree, &missing, &opts).await.map(|_| ())
+    push::upload(client, ws, &sources, &missing, &opts).await.map(|_| ())
 }
 
 /// Head moved: merge the other writer's changes (see the module docs).
-async fn rebase(ctx: &Ctx<'_>, idx: &mut Index) -> anyhow::Result<Attempt> {
+async fn rebase(ctx: &Ctx<'_>, pending: &Pending) -> anyhow::Result<Attempt> {
     let (client, root) = (ctx.client, ctx.root);
-    let ws = idx.workspace.clone();
+    let ws = pending.workspace.clone();
     let head = client.workspace(&ws).await.with_context(|| format!("cannot read workspace {ws}"))?.head;
-    let from = idx.base_version;
+    let from = pending.base_version;
     if head == from {
         anyhow::bail!("the gateway refused parent version {from}, which is still head");
     }
@@ -155,8 +167,8 @@ async fn rebase(ctx: &Ctx<'_>, idx: &mut Index) -> anyhow::Result<Attempt> {
     let mut touched = Vec::new();
     for d in &diff.changes {
         touched.push(d.path.clone());
-        if idx.pending.contains(&d.path) {
-            let ours = idx.local.get(&d.path).map(|r| &r.entry);
+        if pending.paths.contains(&d.path) {
+            let ours = pending.local.iter().find(|e| e.path.as_str() == d.path);
             let same = match (ours, d.new.as_ref()) {
                 (None, None) => true,
                 (Some(a), Some(b)) => a.same_content(b),
@@ -179,6 +191,6 @@ async fn rebase(ctx: &Ctx<'_>, idx: &mut Index) -> anyhow::Result<Attempt> {
         conflicts = conflicts.len(),
         "head moved: merged the other writer's changes"
     );
-    idx.advance_base(head, &changes_of_diff(&diff.changes, true))?;
-    Ok(Attempt::Rebased { touched, conflicts, head })
+    let counts = ctx.local.advance(head, changes_of_diff(&diff.changes, true)).await?;
+    Ok(Attempt::Rebased { touched, conflicts, head, counts })
 }

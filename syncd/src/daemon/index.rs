@@ -1,4 +1,4 @@
-//! syncd's memory of the tree, kept in `DIR/.podfs/syncd.sqlite`:
+//! syncd's memory of the tree, kept in the state directory ([`crate::local::state`]):
 //!
 //! - the **base**: the committed tree of `base_version`, exactly what the gateway holds for that
 //!   version (every commit's change list is computed against it);
@@ -19,10 +19,7 @@ use anyhow::Context;
 use podfs_protocol::{Change, ContentHash, Entry, EntryKind, WsPath};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::scan::Stat;
-
-/// Name of the index database inside the state directory.
-pub const INDEX_FILE: &str = "syncd.sqlite";
+use crate::local::scan::Stat;
 
 /// A path on disk as last read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,7 +332,7 @@ mod tests {
     #[test]
     fn pending_follows_local_against_base_and_survives_reopen() {
         let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join(INDEX_FILE);
+        let path = tmp.path().join("index.sqlite");
         let (mut idx, known) = Index::open(&path).unwrap();
         assert!(!known);
         idx.reset_base("ws", 3, vec![file("a", b"1"), file("b", b"2")]).unwrap();
@@ -374,7 +371,7 @@ mod tests {
     #[test]
     fn below_lists_only_descendants() {
         let tmp = tempfile::tempdir().unwrap();
-        let (mut idx, _) = Index::open(&tmp.path().join(INDEX_FILE)).unwrap();
+        let (mut idx, _) = Index::open(&tmp.path().join("index.sqlite")).unwrap();
         for p in ["a", "a/x", "a/y/z", "a-b", "ab"] {
             idx.set_local(p, rec(file(p, b"x")));
         }

@@ -9,7 +9,6 @@
 use std::collections::{BTreeSet, HashSet};
 use std::fs;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -18,8 +17,10 @@ use podfs_protocol::{ContentHash, Entry, EntryKind};
 use rayon::prelude::*;
 
 use super::index::{Index, Rec};
-use crate::rules::Rules;
-use crate::scan::{self, Found, Looked, Stat};
+use crate::local::hash;
+use crate::local::rules::Rules;
+use crate::local::scan::{self, Found, Looked, Stat};
+use crate::local::state::gone;
 
 /// Reads of one file before it counts as unstable for this round.
 const STABLE_TRIES: usize = 4;
@@ -36,6 +37,8 @@ pub struct Dirty {
     pub trees: BTreeSet<String>,
     /// Walk the whole tree.
     pub full: bool,
+    /// An ignore file changed: read the rules again (a whole-tree walk comes with it).
+    pub rules_changed: bool,
 }
 
 impl Dirty {
@@ -193,7 +196,7 @@ fn look(rules: &mut Rules, rel: &str, dirs_ok: &mut HashSet<String>) -> anyhow::
     let local = rules.root().join(rel);
     let meta = match fs::symlink_metadata(&local) {
         Ok(m) => m,
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => return Ok(None),
+        Err(e) if gone(&e) => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot stat {}", local.display())),
     };
     // an ancestor replaced by a symlink (or a file): the path is not in the tree any more
@@ -263,13 +266,7 @@ enum Read {
 /// during it without its `lstat` changing, so its content counts only when a second read gives
 /// the same hash.
 fn read_stable(f: &Found) -> Read {
-    read_stable_with(f, &|f| match f.kind {
-        EntryKind::Symlink => fs::read_link(&f.local).map(|t| {
-            let b = t.as_os_str().as_bytes();
-            (ContentHash::of(b), b.len() as u64)
-        }),
-        _ => scan::hash_file(&f.local),
-    })
+    read_stable_with(f, &|f| hash::hash_path(&f.local, f.kind))
 }
 
 /// [`read_stable`] with the content read by `read` (hash and length).
@@ -281,14 +278,14 @@ fn read_stable_with(f: &Found, read: &dyn Fn(&Found) -> io::Result<(ContentHash,
         let content = read(f);
         let (hash, size) = match content {
             Ok(c) => c,
-            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => return Read::Gone,
+            Err(e) if gone(&e) => return Read::Gone,
             // a file replaced by a directory (EISDIR) or a symlink target read as a file...
             Err(e) if e.kind() == io::ErrorKind::InvalidInput || e.raw_os_error() == Some(21) => return Read::Unstable,
             Err(e) => return Read::Failed(e.to_string()),
         };
         let after = match fs::symlink_metadata(&f.local) {
             Ok(m) => Stat::of(&m),
-            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => return Read::Gone,
+            Err(e) if gone(&e) => return Read::Gone,
             Err(e) => return Read::Failed(e.to_string()),
         };
         if scan::kind_of_mode(after.mode) != Some(f.kind) {
@@ -320,7 +317,6 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use super::*;
-    use crate::daemon::index::INDEX_FILE;
 
     fn local_entries(idx: &Index) -> Vec<Entry> {
         idx.local.values().map(|r| r.entry.clone()).collect()
@@ -336,7 +332,7 @@ mod tests {
         Dirty {
             paths: paths.iter().map(|s| s.to_string()).collect(),
             trees: trees.iter().map(|s| s.to_string()).collect(),
-            full: false,
+            ..Dirty::default()
         }
     }
 
@@ -348,7 +344,7 @@ mod tests {
         write(&root, "a/one.txt", "1");
         write(&root, "a/b/two.txt", "2");
         write(&root, "keep.txt", "k");
-        let (mut idx, _) = Index::open(&tmp.path().join(INDEX_FILE)).unwrap();
+        let (mut idx, _) = Index::open(&tmp.path().join("index.sqlite")).unwrap();
         let mut rules = Rules::new(&root);
         let mut watched = Vec::new();
         let full = Dirty { full: true, ..Dirty::default() };

@@ -1,5 +1,5 @@
 //! The daemon's state as `DIR/.podfs/syncd-status.json` (rewritten atomically whenever it
-//! changes) and `podfs status DIR`, which reads it. A daemon holds `DIR/.podfs/syncd.lock`
+//! changes; `podfs status DIR` reads it). A daemon holds `DIR/.podfs/syncd.lock`
 //! while it runs; a status whose lock is free belongs to a daemon that is gone.
 
 use std::fs::File;
@@ -8,11 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::Output;
-use crate::rules::STATE_DIR;
+pub use crate::local::state::STATUS_FILE;
+use crate::local::state::StateDir;
 
-pub const STATUS_FILE: &str = "syncd-status.json";
-pub const LOCK_FILE: &str = "syncd.lock";
 /// Conflicts kept in the status (newest last).
 const MAX_CONFLICTS: usize = 50;
 
@@ -21,8 +19,7 @@ pub struct Status {
     pub pid: u32,
     pub workspace: String,
     pub dir: PathBuf,
-    /// starting, hydrating, watching, committing, offline, stopped.
-    pub state: String,
+    pub state: DaemonState,
     /// The last version this daemon knows the workspace at (its base).
     pub head_version: u64,
     /// Paths on disk that differ from `head_version`, not yet committed.
@@ -40,11 +37,108 @@ pub struct Status {
     pub updated_at: u64,
 }
 
+/// What the daemon is doing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DaemonState {
+    #[default]
+    Starting,
+    /// Writing head into an empty DIR.
+    Hydrating,
+    /// Up to date with the disk, or waiting for the tree to be quiet.
+    Watching,
+    /// A commit is in flight.
+    Committing,
+    /// The last commit failed (gateway unreachable, ...): changes wait on disk, retried later.
+    Offline,
+    /// Stopped cleanly.
+    Stopped,
+    /// Set by `podfs status` when the status file's daemon no longer holds the lock.
+    #[serde(rename = "not running")]
+    NotRunning,
+}
+
+impl DaemonState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DaemonState::Starting => "starting",
+            DaemonState::Hydrating => "hydrating",
+            DaemonState::Watching => "watching",
+            DaemonState::Committing => "committing",
+            DaemonState::Offline => "offline",
+            DaemonState::Stopped => "stopped",
+            DaemonState::NotRunning => "not running",
+        }
+    }
+}
+
+impl std::fmt::Display for DaemonState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a batch was committed (recorded in the version's message and the status).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// The reconciliation at start found changes made while no daemon ran.
+    Startup,
+    /// Saves noticed by the watcher.
+    #[default]
+    Save,
+    /// A save of at least [`BURST`] paths (`npm install`, `git checkout`).
+    Burst,
+    /// A whole-tree reconciliation after lost watcher events.
+    Rescan,
+    /// The periodic whole-tree reconciliation.
+    Periodic,
+    /// The last commit before stopping.
+    Shutdown,
+}
+
+/// A batch of saves of at least this many paths is a burst.
+pub const BURST: usize = 100;
+
+impl Trigger {
+    /// What a batch of `changes` paths noticed this way is called: saves of [`BURST`] paths or
+    /// more are a burst.
+    pub fn for_batch(self, changes: usize) -> Self {
+        match self {
+            Trigger::Save | Trigger::Burst if changes >= BURST => Trigger::Burst,
+            Trigger::Burst => Trigger::Save,
+            other => other,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Trigger::Startup => "startup reconciliation",
+            Trigger::Save => "save",
+            Trigger::Burst => "burst",
+            Trigger::Rescan => "rescan after lost events",
+            Trigger::Periodic => "periodic reconciliation",
+            Trigger::Shutdown => "shutdown",
+        }
+    }
+
+    /// The message of a version of `changes` paths this trigger made.
+    pub fn message(self, changes: usize) -> String {
+        format!("syncd: {} ({changes} paths)", self.for_batch(changes).describe())
+    }
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CommitRecord {
     pub version: u64,
     pub changes: usize,
-    pub trigger: String,
+    pub trigger: Trigger,
     /// From the first change noticed to the gateway's acknowledgement.
     pub latency_ms: u64,
     pub at: u64,
@@ -71,7 +165,7 @@ impl Status {
         self.updated_at = unix_now();
         let mut body = serde_json::to_vec_pretty(self)?;
         body.push(b'\n');
-        crate::hydrate::replace_state_file(dir, STATUS_FILE, &body)
+        StateDir::of(dir).write_status(&body)
     }
 }
 
@@ -82,7 +176,7 @@ pub fn unix_now() -> u64 {
 /// Takes `DIR/.podfs/syncd.lock` for the life of the returned file; fails when another daemon
 /// holds it.
 pub fn lock(dir: &Path) -> anyhow::Result<File> {
-    let path = dir.join(STATE_DIR).join(LOCK_FILE);
+    let path = StateDir::of(dir).lock_path();
     let f = File::options()
         .create(true)
         .truncate(false)
@@ -99,58 +193,7 @@ pub fn lock(dir: &Path) -> anyhow::Result<File> {
 }
 
 /// Whether a daemon holds `dir`'s lock now.
-fn running(dir: &Path) -> bool {
-    let Ok(f) = File::open(dir.join(STATE_DIR).join(LOCK_FILE)) else { return false };
+pub fn running(dir: &Path) -> bool {
+    let Ok(f) = File::open(StateDir::of(dir).lock_path()) else { return false };
     matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock))
-}
-
-/// `podfs status DIR`.
-#[derive(Debug, clap::Args)]
-pub struct StatusArgs {
-    /// A directory synced by `podfs syncd`.
-    pub dir: PathBuf,
-}
-
-pub fn run(args: StatusArgs, out: &mut Output<'_>) -> anyhow::Result<()> {
-    let path = args.dir.join(STATE_DIR).join(STATUS_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            anyhow::anyhow!("{} is not synced by podfs syncd (no {})", args.dir.display(), path.display())
-        } else {
-            anyhow::Error::new(e).context(format!("cannot read {}", path.display()))
-        }
-    })?;
-    let mut status: Status = serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
-    if !running(&args.dir) && status.state != "stopped" {
-        status.state = "not running".into();
-    }
-    out.json_or(&status, |w| {
-        writeln!(w, "workspace {} in {}", status.workspace, status.dir.display())?;
-        writeln!(w, "daemon:    {} (pid {})", status.state, status.pid)?;
-        writeln!(w, "head:      version {}", status.head_version)?;
-        writeln!(w, "pending:   {} changed path(s) not yet committed", status.pending_changes)?;
-        writeln!(w, "tracked:   {} path(s), {} watched directories", status.tracked_paths, status.watched_dirs)?;
-        match &status.last_commit {
-            Some(c) => writeln!(
-                w,
-                "last save: version {} ({} change(s), {}) committed {} ms after the change",
-                c.version, c.changes, c.trigger, c.latency_ms
-            )?,
-            None => writeln!(w, "last save: none since start")?,
-        }
-        if let Some(e) = &status.last_error {
-            writeln!(w, "error:     {e}")?;
-        }
-        for c in &status.conflicts {
-            match c.our_version {
-                Some(v) => writeln!(
-                    w,
-                    "conflict:  {} changed by another writer in version {}; ours is version {v}",
-                    c.path, c.their_version
-                )?,
-                None => writeln!(w, "conflict:  {} changed by another writer in version {}", c.path, c.their_version)?,
-            }
-        }
-        Ok(())
-    })
 }

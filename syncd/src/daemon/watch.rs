@@ -4,15 +4,28 @@
 //! Hints are never trusted alone: an overflowed queue, a watch that could not be added or any
 //! event notify cannot explain asks for a full reconciliation. A directory that appears is
 //! walked after its watch exists, so files created in it before that are not missed.
+//!
+//! The channel to the daemon is bounded ([`HINT_QUEUE`]): when it is full (a burst faster than
+//! the daemon drains it), the hint is dropped and the daemon is told through a separate
+//! [`Notify`] (which keeps one wake-up for a daemon that is not waiting yet) to reconcile the
+//! whole tree. A full queue costs a rescan, never a lost change, and never blocks notify.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
 use notify::{EventKind, RecursiveMode, Watcher as _};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
-use crate::rules::{IGNORE_FILE, STATE_DIR};
+use crate::local::rules::IGNORE_FILE;
+use crate::local::state::is_state_path;
+
+/// Hints queued between the watcher and the daemon before they turn into a rescan. A saved
+/// file makes about three (create, modify, close); the daemon drains them between its
+/// reconciliations and commits, so this covers a 20,000-file burst arriving during a commit,
+/// in a few MB.
+pub const HINT_QUEUE: usize = 65_536;
 
 /// What the watcher tells the daemon.
 #[derive(Debug)]
@@ -41,13 +54,13 @@ pub fn max_user_watches() -> Option<u64> {
 }
 
 impl Watcher {
-    /// Starts watching nothing yet; hints go to `tx`.
-    pub fn new(root: &Path, tx: mpsc::UnboundedSender<Hint>) -> anyhow::Result<Self> {
+    /// Starts watching nothing yet; hints go to `tx`, and `overflow` is notified when one had
+    /// to be dropped.
+    pub fn new(root: &Path, tx: mpsc::Sender<Hint>, overflow: Arc<Notify>) -> anyhow::Result<Self> {
         let base = root.to_path_buf();
         let handler = move |res: notify::Result<notify::Event>| {
             for hint in hints(&base, res) {
-                // the daemon is gone: nothing to tell
-                let _ = tx.send(hint);
+                send(&tx, &overflow, hint);
             }
         };
         let inner = notify::INotifyWatcher::new(handler, notify::Config::default())
@@ -97,6 +110,13 @@ impl Watcher {
     }
 }
 
+/// Queues `hint`; when the queue is full, drops it and wakes the daemon for a rescan.
+fn send(tx: &mpsc::Sender<Hint>, overflow: &Notify, hint: Hint) {
+    if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(hint) {
+        overflow.notify_one();
+    }
+}
+
 /// The hints one notify result gives.
 fn hints(root: &Path, res: notify::Result<notify::Event>) -> Vec<Hint> {
     let event = match res {
@@ -120,7 +140,7 @@ fn hints(root: &Path, res: notify::Result<notify::Event>) -> Vec<Hint> {
             // not a workspace path: walks skip it too (with a warning)
             continue;
         };
-        if rel.is_empty() || rel == STATE_DIR || rel.starts_with(&format!("{STATE_DIR}/")) {
+        if rel.is_empty() || is_state_path(rel) {
             continue;
         }
         if p.file_name().is_some_and(|n| n == IGNORE_FILE) {
@@ -129,4 +149,9 @@ fn hints(root: &Path, res: notify::Result<notify::Event>) -> Vec<Hint> {
         out.push(if tree { Hint::Tree(rel.to_string()) } else { Hint::Path(rel.to_string()) });
     }
     out
+}
+
+#[cfg(test)]
+pub(super) fn send_for_test(tx: &mpsc::Sender<Hint>, overflow: &Notify, hint: Hint) {
+    send(tx, overflow, hint);
 }

@@ -20,8 +20,7 @@ use cap_std::ambient_authority;
 use cap_std::fs::{Dir, DirBuilder, DirBuilderExt, File, OpenOptions, Permissions, PermissionsExt};
 use podfs_protocol::WsPath;
 
-/// Prefix of temporary names; never a manifest's business.
-pub const TEMP_PREFIX: &str = ".podfs-tmp-";
+pub use super::state::TEMP_PREFIX;
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 

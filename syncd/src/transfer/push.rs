@@ -12,13 +12,13 @@ use anyhow::Context;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use podfs_client::{Client, Error as ClientError};
-use podfs_protocol::api::CommitRequest;
+use podfs_protocol::api::{CommitRequest, ErrorCode};
 use podfs_protocol::{Change, ContentHash, Entry, EntryKind, VersionRef};
 use serde::Serialize;
 
+use super::progress;
 use crate::changes::compute_changes;
-use crate::progress;
-use crate::scan::{self, LocalTree, Source};
+use crate::local::scan::{self, Source, Sources};
 
 /// Uploads in flight at once.
 pub const UPLOAD_CONCURRENCY: usize = 32;
@@ -124,7 +124,7 @@ pub async fn push(client: &Client, ws: &str, dir: &Path, opts: PushOptions) -> a
         .filter(|h| seen.insert(*h))
         .collect();
     let missing = client.missing_blobs(ws, &needed).await.context("cannot ask the gateway which blobs it lacks")?;
-    let (blobs, bytes) = upload(client, ws, &tree, &missing, &opts).await?;
+    let (blobs, bytes) = upload(client, ws, &tree.sources, &missing, &opts).await?;
     report.uploaded_blobs = blobs;
     report.uploaded_bytes = bytes;
 
@@ -165,16 +165,14 @@ pub(crate) async fn remote_tree(client: &Client, ws: &str, head: u64) -> anyhow:
 pub(crate) async fn upload(
     client: &Client,
     ws: &str,
-    tree: &LocalTree,
+    sources: &Sources,
     missing: &[ContentHash],
     opts: &PushOptions,
 ) -> anyhow::Result<(u64, u64)> {
     let mut jobs = Vec::with_capacity(missing.len());
     for h in missing {
-        let source = tree
-            .sources
-            .get(h)
-            .with_context(|| format!("the gateway asked for blob {h}, which this push does not hold"))?;
+        let source =
+            sources.get(h).with_context(|| format!("the gateway asked for blob {h}, which this push does not hold"))?;
         jobs.push((*h, source));
     }
     let total: u64 = jobs.iter().map(|(_, s)| s.size()).sum();
@@ -213,7 +211,7 @@ async fn upload_one(client: &Client, ws: &str, hash: ContentHash, source: &Sourc
     };
     match result {
         Ok(_) => Ok(()),
-        Err(ClientError::Api { code, .. }) if code == "hash_mismatch" => {
+        Err(ClientError::Api { code: ErrorCode::HashMismatch, .. }) => {
             Err(PushError::ChangedWhilePushing { path: path.unwrap_or_else(|| format!("symlink text {hash}")) }.into())
         }
         Err(e) => Err(e).with_context(|| match path {
@@ -221,50 +219,4 @@ async fn upload_one(client: &Client, ws: &str, hash: ContentHash, source: &Sourc
             None => format!("cannot upload blob {hash}"),
         }),
     }
-}
-
-/// `podfs push WORKSPACE DIR [-m MESSAGE]`.
-#[derive(Debug, clap::Args)]
-pub struct PushArgs {
-    #[arg(value_parser = crate::target::parse_workspace)]
-    pub workspace: String,
-    /// The directory to push.
-    pub dir: std::path::PathBuf,
-    /// Commit message.
-    #[arg(short, long)]
-    pub message: Option<String>,
-    /// Commit author (the gateway picks one when absent).
-    #[arg(long, env = "PODFS_AUTHOR")]
-    pub author: Option<String>,
-    /// Uploads in flight at once.
-    #[arg(long, default_value_t = UPLOAD_CONCURRENCY)]
-    pub concurrency: usize,
-}
-
-/// Human output: `pushed demo@3: 12 changes, 4 blobs uploaded (1.2 MiB)` or
-/// `demo is up to date at version 3`.
-pub async fn run(client: &Client, args: PushArgs, out: &mut crate::cli::Output<'_>) -> anyhow::Result<()> {
-    use crate::output::{human_bytes, plural};
-    let opts = PushOptions {
-        message: args.message,
-        author: args.author,
-        concurrency: args.concurrency,
-        progress: out.progress,
-    };
-    let r = push(client, &args.workspace, &args.dir, opts).await?;
-    out.json_or(&r, |w| {
-        if r.up_to_date {
-            writeln!(w, "{} is up to date at version {}", r.workspace, r.version)
-        } else {
-            writeln!(
-                w,
-                "pushed {}@{}: {}, {} uploaded ({})",
-                r.workspace,
-                r.version,
-                plural(r.changes, "change", "changes"),
-                plural(r.uploaded_blobs, "blob", "blobs"),
-                human_bytes(r.uploaded_bytes)
-            )
-        }
-    })
 }

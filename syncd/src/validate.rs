@@ -5,11 +5,11 @@
 //! every entry's parent is a directory entry (so a symlink can never be used as a parent, and
 //! `a -> /tmp/x` followed by `a/f` is refused).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use podfs_protocol::api::Manifest;
 use podfs_protocol::tree::EntryError;
-use podfs_protocol::{Entry, EntryKind};
+use podfs_protocol::{ContentHash, Entry, EntryKind};
 
 /// Longest symlink text that can be created (Linux `PATH_MAX` - 1).
 pub const MAX_LINK_TEXT: u64 = 4095;
@@ -28,6 +28,8 @@ pub enum ManifestError {
     ParentNotDir { path: String, parent: String, kind: &'static str },
     #[error("manifest symlink {path:?} has {size} bytes of link text; at most {MAX_LINK_TEXT} are possible")]
     LinkTooLong { path: String, size: u64 },
+    #[error("manifest gives content {hash} two sizes ({first} and {second})")]
+    TwoSizes { hash: ContentHash, first: u64, second: u64 },
     #[error("manifest is for {got}, asked for {want}")]
     WrongVersion { want: String, got: String },
 }
@@ -37,12 +39,20 @@ pub fn validate(manifest: &Manifest) -> Result<Vec<Entry>, ManifestError> {
     validate_entries(manifest.entries.iter().cloned())
 }
 
-/// Checks a sorted entry list: valid fields, strictly ascending paths, closed tree.
+/// Checks a sorted entry list: valid fields, strictly ascending paths, closed tree, one size
+/// per content.
 pub fn validate_entries(entries: impl IntoIterator<Item = Entry>) -> Result<Vec<Entry>, ManifestError> {
     let mut out: Vec<Entry> = Vec::new();
     let mut dirs: HashSet<String> = HashSet::new();
+    let mut sizes: HashMap<ContentHash, u64> = HashMap::new();
     for e in entries {
         let e = e.validated()?;
+        if let Some(hash) = e.hash {
+            let first = *sizes.entry(hash).or_insert(e.size);
+            if first != e.size {
+                return Err(ManifestError::TwoSizes { hash, first, second: e.size });
+            }
+        }
         if let Some(prev) = out.last() {
             match prev.path.as_str().cmp(e.path.as_str()) {
                 std::cmp::Ordering::Less => {}
@@ -78,7 +88,7 @@ pub fn validate_entries(entries: impl IntoIterator<Item = Entry>) -> Result<Vec<
 
 #[cfg(test)]
 mod tests {
-    use podfs_protocol::{ContentHash, WsPath};
+    use podfs_protocol::WsPath;
     use proptest::prelude::*;
 
     use super::*;
@@ -170,5 +180,14 @@ mod tests {
             v.swap(i, j);
             prop_assert!(validate_entries(v).is_err());
         }
+    }
+
+    #[test]
+    fn one_content_with_two_sizes_is_refused() {
+        let mut b = e("b", EntryKind::File);
+        b.hash = Some(ContentHash::of(b"a"));
+        b.size = 7;
+        let err = validate_entries([e("a", EntryKind::File), b]).unwrap_err();
+        assert!(matches!(err, ManifestError::TwoSizes { first: 1, second: 7, .. }), "{err}");
     }
 }

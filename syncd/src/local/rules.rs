@@ -18,27 +18,24 @@ use ignore::gitignore::{Gitignore, GitignoreBuilder};
 
 /// Name of the ignore files (gitignore syntax).
 pub const IGNORE_FILE: &str = ".podfsignore";
-/// Top-level directory that is never part of the tree (pull and syncd state).
-pub const STATE_DIR: &str = ".podfs";
+pub use super::state::STATE_DIR;
 
-/// Built-in patterns, lowest precedence (a `.podfsignore` can re-include with `!`): editor swap,
-/// backup and lock files, which come and go with every save and are nobody's work.
+/// Built-in patterns, lowest precedence (a `.podfsignore` can re-include with `!`): only files
+/// an editor or podfs creates for the length of an edit and removes again. Persistent files
+/// are never dropped by default, whatever they look like: published packages ship backups such
+/// as `.Readme.md.un~` or `.DS_Store`, and a restore must give back the tree that was on disk.
+/// Ignoring those is the user's call (`.podfsignore`).
 pub const DEFAULT_IGNORES: &[&str] = &[
-    // vim: swap files, the write-test file, backups
-    "*.swp",
-    "*.swo",
-    "*.swx",
-    "4913",
-    "*~",
-    // emacs: lock symlinks and auto-save files
+    // vim swap files (hidden, next to the file being edited)
+    ".*.sw[a-p]",
+    ".*.swx",
+    // emacs: lock symlinks and auto-save files (removed when the buffer is saved)
     ".#*",
     "\\#*#",
     // JetBrains safe-write temporaries, Kate swap files
     "*___jb_tmp___",
     "*___jb_old___",
     ".*.kate-swp",
-    // macOS Finder metadata
-    ".DS_Store",
     // podfs's own temporary files (a pull or syncd writing in place)
     ".podfs-tmp-*",
 ];
@@ -149,16 +146,20 @@ mod tests {
     fn defaults_hide_editor_litter_and_can_be_overridden() {
         let tmp = tempfile::tempdir().unwrap();
         let mut r = Rules::new(tmp.path());
-        for p in [".main.rs.swp", "src/.x.swo", "notes.txt~", ".#main.rs", "src/#main.rs#", "4913", ".DS_Store"] {
+        for p in [".main.rs.swp", "src/.x.swo", ".#main.rs", "src/#main.rs#", "a___jb_tmp___", ".podfs-tmp-1-2"] {
             assert!(r.is_ignored(p, false), "{p}");
         }
-        for p in ["main.rs", "src/lib.rs", ".gitignore", ".git", "swp", "a#b"] {
+        // persistent files are the user's, whatever their names look like
+        let kept =
+            ["main.rs", ".gitignore", "swp", "a#b", "notes.txt~", ".Readme.md.un~", "4913", ".DS_Store", "x.swp"];
+        for p in kept {
             assert!(!r.is_ignored(p, false), "{p}");
         }
-        fs::write(tmp.path().join(IGNORE_FILE), "!keep.swp\n").unwrap();
+        fs::write(tmp.path().join(IGNORE_FILE), "!.keep.swp\n*~\n").unwrap();
         r.forget();
-        assert!(!r.is_ignored("keep.swp", false));
-        assert!(r.is_ignored("other.swp", false));
+        assert!(!r.is_ignored(".keep.swp", false));
+        assert!(r.is_ignored(".other.swp", false));
+        assert!(r.is_ignored("notes.txt~", false), "backups are ignored when the user says so");
     }
 
     #[test]

@@ -6,8 +6,8 @@ use podfs_client::Client;
 use podfs_protocol::VersionRef;
 use podfs_protocol::api::DiffKind;
 
+use crate::cli::target::parse_workspace;
 use crate::cli::{Output, parse_version};
-use crate::target::parse_workspace;
 
 #[derive(Debug, Args)]
 pub struct DiffArgs {

@@ -9,8 +9,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -19,15 +17,12 @@ use podfs_protocol::tree::{MODE_MASK, SYMLINK_MODE};
 use podfs_protocol::{ContentHash, Entry, EntryKind, WsPath};
 use rayon::prelude::*;
 
-use crate::rules::Rules;
+use super::hash;
+use super::rules::Rules;
+use super::state::gone;
 
-pub use crate::rules::{IGNORE_FILE, STATE_DIR};
-/// Files at least this large are hashed by reading fixed-size chunks, each hashed on several
-/// threads; smaller ones are read whole. Never through mmap: a file truncated while mapped
-/// kills the process with SIGBUS, and a devpod's files change under us.
-pub const LARGE_HASH_THRESHOLD: u64 = 1 << 20;
-/// Chunk read at a time when hashing a large file.
-const HASH_CHUNK: usize = 4 << 20;
+pub use super::rules::IGNORE_FILE;
+pub use super::state::STATE_DIR;
 
 /// Where the content of a hash can be read again for upload.
 #[derive(Debug, Clone)]
@@ -47,13 +42,16 @@ impl Source {
     }
 }
 
+/// Where to read each content hash again for upload.
+pub type Sources = HashMap<ContentHash, Source>;
+
 /// A scanned local tree.
 #[derive(Debug, Default)]
-pub struct LocalTree {
+pub struct ScannedTree {
     /// Sorted by path.
     pub entries: Vec<Entry>,
     /// One place to read each content hash from.
-    pub sources: HashMap<ContentHash, Source>,
+    pub sources: Sources,
     /// Paths skipped because they are neither file, directory nor symlink.
     pub skipped: Vec<PathBuf>,
 }
@@ -204,13 +202,8 @@ pub fn mode_of(kind: EntryKind, st_mode: u32) -> u32 {
     }
 }
 
-/// The path (or a parent) disappeared or stopped being a directory while we looked.
-fn gone(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
-}
-
 /// Scans `root` (blocking: call from a blocking thread). Content is hashed on rayon's pool.
-pub fn scan(root: &Path) -> anyhow::Result<LocalTree> {
+pub fn scan(root: &Path) -> anyhow::Result<ScannedTree> {
     let meta = fs::metadata(root).with_context(|| format!("cannot read {}", root.display()))?;
     if !meta.is_dir() {
         bail!("{} is not a directory", root.display());
@@ -236,21 +229,21 @@ pub fn scan(root: &Path) -> anyhow::Result<LocalTree> {
             let (hash, size, source) = match f.kind {
                 EntryKind::Dir => (None, 0, None),
                 EntryKind::File => {
-                    let (h, n) = hash_file(&f.local).with_context(|| format!("cannot read {}", f.local.display()))?;
+                    let (h, n) =
+                        hash::hash_file(&f.local).with_context(|| format!("cannot read {}", f.local.display()))?;
                     (Some(h), n, Some(Source::File { path: f.local, size: n }))
                 }
                 EntryKind::Symlink => {
-                    let target =
-                        fs::read_link(&f.local).with_context(|| format!("cannot read link {}", f.local.display()))?;
-                    let text = Bytes::copy_from_slice(target.as_os_str().as_bytes());
-                    (Some(ContentHash::of(&text)), text.len() as u64, Some(Source::Inline(text)))
+                    let (h, text) =
+                        hash::read_link(&f.local).with_context(|| format!("cannot read link {}", f.local.display()))?;
+                    (Some(h), text.len() as u64, Some(Source::Inline(text)))
                 }
             };
             Ok((Entry { path: f.path, kind: f.kind, hash, size, mode: f.mode }, source))
         })
         .collect::<anyhow::Result<_>>()?;
 
-    let mut tree = LocalTree { skipped, ..LocalTree::default() };
+    let mut tree = ScannedTree { skipped, ..ScannedTree::default() };
     for (entry, source) in hashed {
         if let (Some(h), Some(s)) = (entry.hash, source) {
             tree.sources.entry(h).or_insert(s);
@@ -261,35 +254,13 @@ pub fn scan(root: &Path) -> anyhow::Result<LocalTree> {
     Ok(tree)
 }
 
-/// BLAKE3 of a file and the number of bytes hashed.
-pub fn hash_file(path: &Path) -> io::Result<(ContentHash, u64)> {
-    let len = fs::symlink_metadata(path)?.len();
-    if len >= LARGE_HASH_THRESHOLD {
-        use std::io::Read;
-        let mut file = fs::File::open(path)?;
-        let mut h = blake3::Hasher::new();
-        let mut buf = vec![0u8; HASH_CHUNK];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update_rayon(&buf[..n]);
-        }
-        Ok((h.finalize().into(), h.count()))
-    } else {
-        let data = fs::read(path)?;
-        Ok((ContentHash::of(&data), data.len() as u64))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::{PermissionsExt, symlink};
 
     use super::*;
 
-    fn paths(t: &LocalTree) -> Vec<&str> {
+    fn paths(t: &ScannedTree) -> Vec<&str> {
         t.entries.iter().map(|e| e.path.as_str()).collect()
     }
 
@@ -345,35 +316,29 @@ mod tests {
     }
 
     #[test]
-    fn big_files_hash_like_small_ones() {
-        let tmp = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..3 * LARGE_HASH_THRESHOLD as usize + 7).map(|i| (i * 31 % 251) as u8).collect();
-        fs::write(tmp.path().join("big"), &data).unwrap();
-        let (h, n) = hash_file(&tmp.path().join("big")).unwrap();
-        assert_eq!((h, n), (ContentHash::of(&data), data.len() as u64));
-    }
-
-    #[test]
     fn non_utf8_names_are_an_error_naming_the_path() {
         let tmp = tempfile::tempdir().unwrap();
-        let name = std::ffi::OsStr::from_bytes(b"bad\xffname");
+        let name = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"bad\xffname");
         fs::write(tmp.path().join(name), b"x").unwrap();
         let err = format!("{:#}", scan(tmp.path()).unwrap_err());
         assert!(err.contains("not valid UTF-8") && err.contains("bad"), "{err}");
     }
 
     #[test]
-    fn fifos_are_skipped() {
+    fn fifos_and_sockets_are_skipped() {
         let tmp = tempfile::tempdir().unwrap();
         let fifo = tmp.path().join("pipe");
-        let ok = std::process::Command::new("mkfifo").arg(&fifo).status().map(|s| s.success()).unwrap_or(false);
-        if !ok {
-            return; // no mkfifo here
-        }
+        // mkfifo is in coreutils, on every machine these tests run on: its absence is a failure
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("run mkfifo");
+        assert!(made.success(), "mkfifo failed");
+        let socket = tmp.path().join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
         fs::write(tmp.path().join("f"), b"x").unwrap();
         let t = scan(tmp.path()).unwrap();
         assert_eq!(paths(&t), ["f"]);
-        assert_eq!(t.skipped, [fifo]);
+        let mut skipped = t.skipped.clone();
+        skipped.sort();
+        assert_eq!(skipped, [fifo, socket]);
     }
 
     #[test]

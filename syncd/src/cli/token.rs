@@ -6,7 +6,7 @@ use podfs_client::Client;
 use podfs_protocol::api::Right;
 
 use crate::cli::Output;
-use crate::target::parse_workspace;
+use crate::cli::target::parse_workspace;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum TokenRight {

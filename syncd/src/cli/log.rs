@@ -6,8 +6,8 @@ use clap::Args;
 use podfs_client::Client;
 
 use crate::cli::Output;
-use crate::output::plural;
-use crate::target::parse_workspace;
+use crate::cli::output::plural;
+use crate::cli::target::parse_workspace;
 
 /// Versions shown by default.
 pub const DEFAULT_LIMIT: u32 = 100;
@@ -29,7 +29,12 @@ pub struct LogArgs {
 /// One line per version: `VERSION  TIME  AUTHOR  N changes  MESSAGE`.
 pub async fn run(client: &Client, args: LogArgs, out: &mut Output<'_>) -> anyhow::Result<()> {
     if let Some(path) = args.path {
-        return crate::history::run(client, crate::history::HistoryArgs { workspace: args.workspace, path }, out).await;
+        return crate::cli::history::run(
+            client,
+            crate::cli::history::HistoryArgs { workspace: args.workspace, path },
+            out,
+        )
+        .await;
     }
     let list = client
         .versions(&args.workspace, Some(args.limit), args.before)

@@ -5,8 +5,8 @@ use clap::Args;
 use podfs_client::Client;
 
 use crate::cli::Output;
-use crate::output::human_bytes;
-use crate::target::parse_workspace;
+use crate::cli::output::human_bytes;
+use crate::cli::target::parse_workspace;
 
 #[derive(Debug, Args)]
 pub struct HistoryArgs {

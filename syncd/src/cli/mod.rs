@@ -1,4 +1,20 @@
-//! Command-line parsing and dispatch: `run` is the whole `podfs` program minus process setup.
+//! The `podfs` command line: parsing, dispatch and printing, one file per command. [`run`] is
+//! the whole `podfs` program minus process setup. Only this module writes to stdout or knows
+//! about `--json` and exit codes; the library below it returns values and typed errors.
+
+pub mod cat;
+pub mod diff;
+pub mod history;
+pub mod log;
+pub mod output;
+pub mod pull;
+pub mod push;
+pub mod restore;
+pub mod status;
+pub mod syncd;
+pub mod target;
+pub mod token;
+pub mod workspace;
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
@@ -8,8 +24,6 @@ use clap::{Parser, Subcommand};
 use podfs_client::{Client, DEFAULT_GATEWAY};
 use podfs_protocol::VersionRef;
 use serde::Serialize;
-
-use crate::{cat, daemon, diff, history, log, pull, push, restore_version, token, workspace};
 
 /// podfs: versioned workspaces shared between devpods.
 #[derive(Debug, Parser)]
@@ -49,11 +63,11 @@ pub enum Command {
     /// List the revisions of one path.
     History(history::HistoryArgs),
     /// Commit an old version's tree as a new version.
-    Restore(restore_version::RestoreArgs),
+    Restore(restore::RestoreArgs),
     /// Keep a directory in sync with a workspace: every save becomes a version.
-    Syncd(daemon::SyncdArgs),
+    Syncd(syncd::SyncdArgs),
     /// Show the state of the syncd daemon of a directory.
-    Status(daemon::status::StatusArgs),
+    Status(status::StatusArgs),
 }
 
 /// Where a command writes its result.
@@ -139,7 +153,7 @@ where
 /// Runs a parsed command.
 pub async fn execute(cli: Cli, stdout: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     if let Command::Syncd(a) = cli.command {
-        return daemon::run(daemon::Settings::resolve(a, cli.gateway, cli.token)?).await;
+        return syncd::run(a, cli.gateway, cli.token).await;
     }
     let gateway = cli.gateway.as_deref().unwrap_or(DEFAULT_GATEWAY);
     let client = Client::new(gateway, cli.token.clone())?;
@@ -153,8 +167,8 @@ pub async fn execute(cli: Cli, stdout: &mut (dyn Write + Send)) -> anyhow::Resul
         Command::Cat(a) => cat::run(&client, a, &mut out).await,
         Command::Diff(a) => diff::run(&client, a, &mut out).await,
         Command::History(a) => history::run(&client, a, &mut out).await,
-        Command::Restore(a) => restore_version::run(&client, a, &mut out).await,
-        Command::Status(a) => daemon::status::run(a, &mut out),
+        Command::Restore(a) => restore::run(&client, a, &mut out).await,
+        Command::Status(a) => status::run(a, &mut out),
         Command::Syncd(_) => unreachable!("handled above"),
     }
 }
