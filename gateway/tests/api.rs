@@ -471,10 +471,11 @@ async fn every_error_is_a_json_body_with_a_code() {
     assert_eq!((r.status, r.code().as_str()), (StatusCode::UNAUTHORIZED, "unauthorized"));
 }
 
-/// `GET .../blobs/{hash}` verifies the stored blob as it streams: a stored object that is not
-/// the content it is named after never arrives as a complete body.
+/// `GET .../blobs/{hash}` serves only verified blobs: a small stored object that is not the
+/// content it is named after is a 500 `corrupt` answer, a large one never arrives as a
+/// complete body (the transfer breaks off after the status went out).
 #[tokio::test]
-async fn blob_downloads_break_off_when_the_stored_blob_is_bad() {
+async fn blob_downloads_are_refused_or_break_off_when_the_stored_blob_is_bad() {
     let gw = demo().await;
     let readme = ContentHash::of(b"hello world");
     let uri = format!("/v1/workspaces/demo/blobs/{readme}");
@@ -485,8 +486,10 @@ async fn blob_downloads_break_off_when_the_stored_blob_is_bad() {
         (StatusCode::OK, Some(b"hello world".to_vec()))
     );
 
-    let hex = readme.to_hex();
-    let object = gw.dir.path().join("blobs/blobs").join(&hex[..2]).join(&hex);
+    let object = |hash: &ContentHash| {
+        let hex = hash.to_hex();
+        gw.dir.path().join("blobs/blobs").join(&hex[..2]).join(&hex)
+    };
     let tampered = [
         ("other content", podfs_protocol::blob::encode(b"hello World")),
         ("truncated", good[..good.len() - 1].to_vec()),
@@ -494,10 +497,45 @@ async fn blob_downloads_break_off_when_the_stored_blob_is_bad() {
         ("not a blob", b"garbage, not even a header".to_vec()),
     ];
     for (what, bytes) in tampered {
-        std::fs::write(&object, &bytes).expect("tamper with the stored object");
-        let (status, body) = gw.get_stream(&uri).await;
-        assert_eq!(status, StatusCode::OK, "{what}: the status went out before the bytes");
-        let err = body.expect_err(what);
-        assert!(err.contains("failed verification"), "{what}: {err}");
+        std::fs::write(object(&readme), &bytes).expect("tamper with the stored object");
+        let r = gw.get(&uri, &[]).await;
+        assert_eq!((r.status, r.code().as_str()), (StatusCode::INTERNAL_SERVER_ERROR, "corrupt"), "{what}");
+        assert!(r.json()["message"].as_str().is_some_and(|m| m.contains("failed verification")), "{what}");
     }
+
+    // larger than the gateway verifies in memory: checked as it streams
+    let mut x = 0x9e37_79b9_7f4a_7c15u64; // xorshift: incompressible, so stored > 4 MiB
+    let big: Vec<u8> = (0..6 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect();
+    let hash = gw.upload("demo", &big).await;
+    let head = gw.head_version("demo").await;
+    let r = gw
+        .json(
+            "POST",
+            "/v1/workspaces/demo/versions",
+            Some(ADMIN),
+            json!({"parent_version": head, "changes": [
+                {"path": "big.bin", "kind": "file", "hash": hash, "size": big.len(), "mode": 420},
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
+    let uri = format!("/v1/workspaces/demo/blobs/{hash}");
+    let (status, body) = gw.get_stream(&uri).await;
+    let stored = body.expect("a good large blob streams whole");
+    assert_eq!(status, StatusCode::OK);
+    let mut flipped = stored.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    std::fs::write(object(&hash), &flipped).expect("tamper with the stored object");
+    let (status, body) = gw.get_stream(&uri).await;
+    assert_eq!(status, StatusCode::OK, "the status went out before the bytes");
+    let err = body.expect_err("a bad large blob breaks off");
+    assert!(err.contains("failed verification"), "{err}");
 }

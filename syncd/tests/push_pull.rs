@@ -278,7 +278,12 @@ async fn corrupt_blobs_never_reach_their_final_path() {
         let dst = tmp.path().join(format!("dst-{name}"));
         let err = pull(&c, "demo", VersionRef::Head, &dst, PullOptions::default()).await.unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("failed verification") && msg.contains(&format!("cannot download {name}")), "{msg}");
+        assert!(msg.contains(&format!("cannot download {name}")), "{msg}");
+        // the gateway verifies what it serves: a small blob before sending it (a `corrupt`
+        // answer), a large one as it streams (the transfer breaks off before its end)
+        if name == "small" {
+            assert!(msg.contains("failed verification") && msg.contains("corrupt"), "{msg}");
+        }
         assert!(!dst.join(name).exists(), "{name} must not be written");
         no_leftovers(&dst);
     }

@@ -108,7 +108,7 @@ pub async fn locations(
 /// Download a stored blob as stored (header + raw or zstd payload); verify it before use.
 #[utoipa::path(get, path = "/v1/workspaces/{workspace}/blobs/{hash}", tag = "blobs",
     params(BlobPath),
-    responses((status = 200, description = "the stored blob; a transfer that breaks off failed verification",
+    responses((status = 200, description = "the stored blob, verified: a small one before it is sent (else 500 `corrupt`), a large one as it streams (a transfer that breaks off failed verification)",
             content_type = "application/vnd.podfs.blob"),
         (status = 400, description = "invalid hash", body = ErrorBody),
         (status = 404, description = "a hash the workspace does not reference", body = ErrorBody)))]
