@@ -409,7 +409,10 @@ mod tests {
         assert_eq!(parsed.key_prefix(), "pre/fix/");
         assert_eq!(StoreUrl::parse(&parsed.to_string()).unwrap(), parsed);
         assert_eq!(parsed.param("endpoint"), Some("http://127.0.0.1:3900"));
-        assert_eq!(StoreUrl::parse("s3://b?endpoint=http%3A%2F%2Fh%3A1").unwrap().param("endpoint"), Some("http://h:1"));
+        assert_eq!(
+            StoreUrl::parse("s3://b?endpoint=http%3A%2F%2Fh%3A1").unwrap().param("endpoint"),
+            Some("http://h:1")
+        );
 
         let fresh = fresh_s3_prefix(u);
         let f = StoreUrl::parse(&fresh).unwrap();
