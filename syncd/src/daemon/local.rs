@@ -60,10 +60,10 @@ enum Request {
     Counts(oneshot::Sender<Counts>),
 }
 
-/// A handle on the local thread; the thread ends when every handle is dropped.
-#[derive(Clone)]
+/// A handle on the local thread; the thread ends when the handle is closed or dropped.
 pub struct LocalTree {
     tx: mpsc::Sender<Request>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// What [`LocalTree::open`] found in the index.
@@ -85,7 +85,7 @@ impl LocalTree {
         let (root, index_path) = (root.to_path_buf(), index_path.to_path_buf());
         let (ready_tx, ready_rx) = oneshot::channel();
         let (tx, rx) = mpsc::channel(QUEUE);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("syncd-local".into())
             .spawn(move || {
                 let opened = (|| -> anyhow::Result<_> {
@@ -106,7 +106,19 @@ impl LocalTree {
             })
             .context("cannot start the daemon's local thread")?;
         let workspace = ready_rx.await.context("the daemon's local thread died")??;
-        Ok(Opened { tree: LocalTree { tx }, workspace })
+        Ok(Opened { tree: LocalTree { tx, thread: Some(thread) }, workspace })
+    }
+
+    /// Ends the thread once it has answered every request sent, and waits for it: the index
+    /// is closed and the watches are gone when this returns.
+    pub async fn close(self) {
+        let LocalTree { tx, thread } = self;
+        drop(tx);
+        if let Some(thread) = thread
+            && let Ok(Err(_)) = tokio::task::spawn_blocking(move || thread.join()).await
+        {
+            tracing::error!("the daemon's local thread panicked");
+        }
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> anyhow::Result<T> {

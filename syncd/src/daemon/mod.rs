@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use futures::FutureExt;
 use podfs_cache::ContentCache;
 use podfs_client::Client;
 use podfs_protocol::VersionRef;
@@ -87,10 +88,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         started = d.start(opened.workspace) => started?,
         () = shutdown.cancelled() => {
             d.write_status(DaemonState::Stopped).await;
+            d.local.close().await;
             return Ok(());
         }
     }
     let result = d.run(hints, &overflow, shutdown).await;
+    // the index and the watches go before the lock does
+    d.local.close().await;
     drop(lock);
     result
 }
@@ -174,6 +178,15 @@ impl Daemon {
         loop {
             let wake = sched.wake_at(b.dirty.full, self.counts.pending > 0, Instant::now());
             tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    tracing::info!("stopping: committing what is pending first");
+                    drain(&mut hints, overflow, &mut b);
+                    return self.shutdown(b).await;
+                }
+                // a due flush goes first (it drains the queue itself): a steady stream of
+                // hints cannot hold back the max delay
+                () = tokio::time::sleep_until(wake) => {}
                 hint = hints.recv() => {
                     let Some(hint) = hint else { bail!("the file watcher stopped") };
                     sched.hint(Instant::now());
@@ -185,14 +198,6 @@ impl Daemon {
                     note(Hint::Rescan("the hint queue was full".into()), &mut b);
                     continue;
                 }
-                () = tokio::time::sleep_until(wake) => {}
-                () = shutdown.cancelled() => {
-                    tracing::info!("stopping: committing what is pending first");
-                    while let Ok(h) = hints.try_recv() {
-                        note(h, &mut b);
-                    }
-                    return self.shutdown(b).await;
-                }
             }
             let now = Instant::now();
             if sched.rescan_due(now, self.counts.out_of_watches) && !b.dirty.full {
@@ -200,9 +205,7 @@ impl Daemon {
                 b.trigger = Trigger::Periodic;
             }
             if sched.flush_due(now, b.dirty.full) {
-                while let Ok(h) = hints.try_recv() {
-                    note(h, &mut b);
-                }
+                drain(&mut hints, overflow, &mut b);
                 sched.flushed();
                 let batch = std::mem::take(&mut b.dirty);
                 match self.local.reconcile(batch).await {
@@ -337,6 +340,16 @@ impl Daemon {
         if let Err(e) = blocking(move || status.write(&dir)).await {
             tracing::warn!(error = %format!("{e:#}"), "cannot write the status file");
         }
+    }
+}
+
+/// Folds every hint already queued into the batch, and a rescan when hints were dropped.
+fn drain(hints: &mut mpsc::Receiver<Hint>, overflow: &Notify, b: &mut Batch) {
+    while let Ok(h) = hints.try_recv() {
+        note(h, b);
+    }
+    if overflow.notified().now_or_never().is_some() {
+        note(Hint::Rescan("the hint queue was full".into()), b);
     }
 }
 

@@ -83,6 +83,7 @@ impl std::fmt::Display for DaemonState {
 #[serde(rename_all = "snake_case")]
 pub enum Trigger {
     /// The reconciliation at start found changes made while no daemon ran.
+    #[serde(alias = "startup reconciliation")]
     Startup,
     /// Saves noticed by the watcher.
     #[default]
@@ -90,8 +91,10 @@ pub enum Trigger {
     /// A save of at least [`BURST`] paths (`npm install`, `git checkout`).
     Burst,
     /// A whole-tree reconciliation after lost watcher events.
+    #[serde(alias = "rescan after lost events")]
     Rescan,
     /// The periodic whole-tree reconciliation.
+    #[serde(alias = "periodic reconciliation")]
     Periodic,
     /// The last commit before stopping.
     Shutdown,
@@ -196,4 +199,21 @@ pub fn lock(dir: &Path) -> anyhow::Result<File> {
 pub fn running(dir: &Path) -> bool {
     let Ok(f) = File::open(StateDir::of(dir).lock_path()) else { return false };
     matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_files_of_the_previous_format_still_read() {
+        let old = r#"{"pid":1,"workspace":"w","dir":"/w","state":"not running","head_version":3,
+            "pending_changes":0,"tracked_paths":2,"watched_dirs":1,"commits":1,
+            "last_commit":{"version":3,"changes":2,"trigger":"startup reconciliation","latency_ms":5,"at":1},
+            "last_error":null,"conflicts":[],"updated_at":1}"#;
+        let s: Status = serde_json::from_str(old).unwrap();
+        assert_eq!((s.state, s.last_commit.map(|c| c.trigger)), (DaemonState::NotRunning, Some(Trigger::Startup)));
+        let round: Status = serde_json::from_str(&serde_json::to_string(&Status::default()).unwrap()).unwrap();
+        assert_eq!(round, Status::default());
+    }
 }

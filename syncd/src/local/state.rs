@@ -11,6 +11,7 @@
 //! ([`TEMP_PREFIX`]), which the rules exclude too.
 
 use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -97,6 +98,10 @@ impl StateDir {
             .tempfile_in(&self.path)
             .with_context(|| format!("cannot create a file in {}", self.path.display()))?;
         tmp.write_all(body).with_context(|| format!("cannot write {}", tmp.path().display()))?;
+        // readable by others, as a plain write would make it (`podfs status` run by another user)
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("cannot set the mode of {}", tmp.path().display()))?;
         let path = self.path.join(name);
         tmp.persist(&path).map_err(|e| e.error).with_context(|| format!("cannot replace {}", path.display()))?;
         Ok(())

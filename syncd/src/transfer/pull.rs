@@ -144,7 +144,12 @@ pub async fn pull(
     .await
     .context("directory task failed")??;
     ctx.bar.finish_and_clear();
-    StateDir::of(dir).write_pull_state(ws, report.version)?;
+    {
+        let (dir, ws, version) = (dir.to_path_buf(), ws.to_string(), report.version);
+        tokio::task::spawn_blocking(move || StateDir::of(&dir).write_pull_state(&ws, version))
+            .await
+            .context("state task failed")??;
+    }
     tracing::debug!(secs = total.elapsed().as_secs_f64(), "per-file pull done");
     Ok(report)
 }
