@@ -58,14 +58,11 @@ pub async fn run(client: &Client, args: PullArgs, out: &mut Output<'_>) -> anyho
             };
             writeln!(
                 w,
-                "{verb} {}@{} in {}: {}, {}, {}, {} in {:.2}s (manifest {}, cache {}, blob store {}{})",
+                "{verb} {}@{} in {}: {} in {:.2}s (manifest {}, cache {}, blob store {}{})",
                 r.workspace,
                 r.version,
                 r.dir.display(),
-                plural(r.files, "file", "files"),
-                plural(r.symlinks, "symlink", "symlinks"),
-                plural(r.dirs, "dir", "dirs"),
-                human_bytes(r.bytes),
+                tree_summary(r.files, r.symlinks, r.dirs, r.bytes),
                 r.elapsed_secs,
                 human_bytes(s.manifest.transfer_bytes),
                 plural(s.cache.files, "file", "files"),
@@ -79,15 +76,23 @@ pub async fn run(client: &Client, args: PullArgs, out: &mut Output<'_>) -> anyho
     out.json_or(&r, |w| {
         writeln!(
             w,
-            "pulled {}@{} into {}: {}, {}, {}, {} ({} downloaded)",
+            "pulled {}@{} into {}: {} ({} downloaded)",
             r.workspace,
             r.version,
             r.dir.display(),
-            plural(r.files, "file", "files"),
-            plural(r.symlinks, "symlink", "symlinks"),
-            plural(r.dirs, "dir", "dirs"),
-            human_bytes(r.bytes),
+            tree_summary(r.files, r.symlinks, r.dirs, r.bytes),
             plural(r.downloaded_blobs, "blob", "blobs"),
         )
     })
+}
+
+/// `120 files, 3 symlinks, 14 dirs, 4.5 MiB`.
+fn tree_summary(files: u64, symlinks: u64, dirs: u64, bytes: u64) -> String {
+    format!(
+        "{}, {}, {}, {}",
+        plural(files, "file", "files"),
+        plural(symlinks, "symlink", "symlinks"),
+        plural(dirs, "dir", "dirs"),
+        human_bytes(bytes)
+    )
 }
