@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use podfs_protocol::{ContentHash, Entry, EntryKind, WsPath};
 use rusqlite::{Connection, params};
 
-use crate::transfer::{compress, decompress_verified, hash_file};
+use crate::transfer::{compress, decompress_verified};
 use crate::{Error, Header, Kind, Reader, Writer};
 
 fn entry(path: &str, kind: EntryKind, content: &[u8]) -> Entry {
@@ -179,4 +179,11 @@ fn transfer_round_trip_and_refusals() {
     assert!(decompress_verified(&b"garbage"[..], &c.hash, c.size, Vec::new()).is_err());
     let as_manifest_error = Error::from(decompress_verified(frame.as_slice(), &wrong, c.size, Vec::new()).unwrap_err());
     assert!(matches!(as_manifest_error, Error::FileMismatch { .. }), "{as_manifest_error:?}");
+}
+
+/// BLAKE3 and length of a whole file.
+fn hash_file(path: &std::path::Path) -> std::io::Result<(ContentHash, u64)> {
+    let mut hasher = blake3::Hasher::new();
+    let n = std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+    Ok((hasher.finalize().into(), n))
 }

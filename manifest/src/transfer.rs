@@ -4,7 +4,6 @@
 
 use std::path::Path;
 
-use podfs_protocol::ContentHash;
 use podfs_protocol::frame::{self, FrameError};
 pub use podfs_protocol::frame::{Compressed, LEVEL, decompress_verified};
 
@@ -15,14 +14,6 @@ pub fn compress(src: &Path, dst: impl std::io::Write) -> Result<Compressed> {
     let file = std::fs::File::open(src)?;
     let size = file.metadata()?.len();
     frame::compress(std::io::BufReader::with_capacity(1 << 20, file), size, dst).map_err(Error::from)
-}
-
-/// BLAKE3 and length of a whole file.
-pub fn hash_file(path: &Path) -> Result<(ContentHash, u64)> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = blake3::Hasher::new();
-    let n = std::io::copy(&mut file, &mut hasher)?;
-    Ok((hasher.finalize().into(), n))
 }
 
 impl From<FrameError> for Error {

@@ -43,6 +43,7 @@ pub use self::settings::{Overrides, Settings};
 use self::status::{CommitRecord, DaemonState, Status, Trigger};
 use self::watch::{HINT_QUEUE, Hint};
 use crate::local::state::{self, StateDir};
+use crate::transfer::blocking;
 use crate::transfer::hydrate::{self, HydrateOptions};
 
 /// How long a shutdown waits for the last commit.
@@ -417,10 +418,6 @@ async fn wait_for_head(client: &Client, ws: &str) -> anyhow::Result<u64> {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
-    tokio::task::spawn_blocking(f).await.context("blocking task failed")?
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,7 +443,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(2);
         let overflow = Notify::new();
         for i in 0..3 {
-            watch::send_for_test(&tx, &overflow, Hint::Path(format!("p{i}")));
+            watch::send(&tx, &overflow, Hint::Path(format!("p{i}")));
         }
         drop(tx);
         // the wake-up is kept for a daemon that was not waiting yet

@@ -111,7 +111,7 @@ impl Watcher {
 }
 
 /// Queues `hint`; when the queue is full, drops it and wakes the daemon for a rescan.
-fn send(tx: &mpsc::Sender<Hint>, overflow: &Notify, hint: Hint) {
+pub(super) fn send(tx: &mpsc::Sender<Hint>, overflow: &Notify, hint: Hint) {
     if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(hint) {
         overflow.notify_one();
     }
@@ -149,9 +149,4 @@ fn hints(root: &Path, res: notify::Result<notify::Event>) -> Vec<Hint> {
         out.push(if tree { Hint::Tree(rel.to_string()) } else { Hint::Path(rel.to_string()) });
     }
     out
-}
-
-#[cfg(test)]
-pub(super) fn send_for_test(tx: &mpsc::Sender<Hint>, overflow: &Notify, hint: Hint) {
-    send(tx, overflow, hint);
 }

@@ -19,3 +19,11 @@ pub mod progress;
 pub mod pull;
 pub mod push;
 pub mod restore;
+
+/// Runs blocking work (files, SQLite, hashing) on tokio's blocking pool.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    use anyhow::Context;
+    tokio::task::spawn_blocking(f).await.context("blocking task failed")?
+}

@@ -14,6 +14,7 @@ use podfs_client::Client;
 use podfs_protocol::VersionRef;
 use serde::Serialize;
 
+use super::blocking;
 pub use super::fetch::DOWNLOAD_CONCURRENCY;
 use super::fetch::{self, Fetcher, RemoteStats};
 use super::plan::Plan;
@@ -146,9 +147,7 @@ pub async fn pull(
     ctx.bar.finish_and_clear();
     {
         let (dir, ws, version) = (dir.to_path_buf(), ws.to_string(), report.version);
-        tokio::task::spawn_blocking(move || StateDir::of(&dir).write_pull_state(&ws, version))
-            .await
-            .context("state task failed")??;
+        blocking(move || StateDir::of(&dir).write_pull_state(&ws, version)).await?;
     }
     tracing::debug!(secs = total.elapsed().as_secs_f64(), "per-file pull done");
     Ok(report)

@@ -39,6 +39,7 @@ use podfs_protocol::{ContentHash, Entry, VersionRef};
 use serde::Serialize;
 
 pub use self::switch::switch;
+use super::blocking;
 use super::plan::Plan;
 use crate::local::state::StateDir;
 use crate::validate;
@@ -326,10 +327,4 @@ pub(super) async fn keep_in_cache(
         Ok(())
     })
     .await
-}
-
-pub(super) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
-    tokio::task::spawn_blocking(f).await.context("blocking task failed")?
 }
