@@ -23,6 +23,10 @@ pub const DEFAULT_PRESIGN_TTL_SECS: u64 = 900;
 pub const DEFAULT_MAX_JSON_BODY: usize = 64 << 20;
 /// Files up to this size have their bytes inside a version's manifest.sqlite.
 pub const DEFAULT_MANIFEST_SMALL_FILE_LIMIT: u64 = podfs_manifest::DEFAULT_SMALL_FILE_LIMIT;
+/// Content up to this size is uploaded in batches and stored in packs.
+pub const DEFAULT_PACK_BLOB_LIMIT: u64 = podfs_protocol::pack::DEFAULT_PACK_BLOB_LIMIT;
+/// Largest batch upload body: a client batch of 16 MiB plus ample room.
+pub const DEFAULT_MAX_BATCH_BODY: usize = 64 << 20;
 /// Name of the admin token file written by the embedded default.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
@@ -56,6 +60,13 @@ pub struct Args {
     /// Files up to this many bytes travel inside manifest.sqlite [default: 128 KiB]
     #[arg(long, env = "PODFS_MANIFEST_SMALL_FILE_LIMIT")]
     pub manifest_small_file_limit: Option<u64>,
+    /// Content up to this many bytes is stored in packs, several blobs to an S3 object [default: 128 KiB]
+    #[arg(long, env = "PODFS_PACK_BLOB_LIMIT")]
+    pub pack_blob_limit: Option<u64>,
+    /// Hand out presigned URLs for ranges of packs (the S3 signature covers the Range header);
+    /// false makes the gateway serve packed blobs itself, for a store that does not enforce a signed Range [default: true]
+    #[arg(long, env = "PODFS_PRESIGN_RANGES")]
+    pub presign_ranges: Option<bool>,
     /// TOML file with any of the settings above (keys as the flags, with `_` for `-`)
     #[arg(long, env = "PODFS_CONFIG")]
     pub config: Option<PathBuf>,
@@ -73,6 +84,8 @@ struct FileConfig {
     presign_ttl_secs: Option<u64>,
     s3_checksums: Option<bool>,
     manifest_small_file_limit: Option<u64>,
+    pack_blob_limit: Option<u64>,
+    presign_ranges: Option<bool>,
 }
 
 /// The resolved configuration.
@@ -89,6 +102,9 @@ pub struct Config {
     pub s3_checksums: bool,
     pub max_json_body: usize,
     pub manifest_small_file_limit: u64,
+    pub pack_blob_limit: u64,
+    pub max_batch_body: usize,
+    pub presign_ranges: bool,
 }
 
 impl Config {
@@ -128,6 +144,9 @@ impl Config {
                 .manifest_small_file_limit
                 .or(file.manifest_small_file_limit)
                 .unwrap_or(DEFAULT_MANIFEST_SMALL_FILE_LIMIT),
+            pack_blob_limit: args.pack_blob_limit.or(file.pack_blob_limit).unwrap_or(DEFAULT_PACK_BLOB_LIMIT),
+            max_batch_body: DEFAULT_MAX_BATCH_BODY,
+            presign_ranges: args.presign_ranges.or(file.presign_ranges).unwrap_or(true),
             data_dir,
         })
     }

@@ -30,14 +30,12 @@ use tokio::sync::mpsc;
 
 use crate::error::Error;
 use crate::meta::{DiffKind, ManifestRow, MetaStore, WorkspaceRow};
-use crate::store::{BlobService, ByteStream, Content};
+use crate::store::{BlobService, ByteStream};
 
 /// How long a replica's claim on a build holds before another replica may take it over.
 pub const BUILD_LEASE: Duration = Duration::from_secs(120);
 /// How often a replica waiting on another's build looks for the result.
 const POLL: Duration = Duration::from_millis(200);
-/// Small-file reads from the blob store in flight during a build.
-const FETCH_CONCURRENCY: usize = 64;
 /// Messages queued for the SQLite writer thread (each at most one small file).
 const WRITER_QUEUE: usize = 64;
 
@@ -219,46 +217,39 @@ impl ManifestService {
         Ok(Delta { file, compressed, _dir: dir })
     }
 
-    /// Sends entries and deletions to the writer, and the bytes of every small file among the
-    /// entries (each distinct content once, fetched verified, some at a time).
+    /// Sends entries and deletions to the writer, then the bytes of every small file among the
+    /// entries (each distinct content once, fetched verified: packed ones as merged ranges of
+    /// their packs, see [`BlobService::read_small`]).
     async fn feed<S>(&self, tx: mpsc::Sender<Msg>, ops: S) -> Result<(), Error>
     where
         S: Stream<Item = Result<Op, Error>> + Send,
     {
         let limit = self.small_file_limit;
         let mut seen = std::collections::HashSet::new();
-        let fetches = ops
-            .then(|op| {
-                let tx = tx.clone();
-                async move {
-                    let op = op?;
-                    let small = match &op {
-                        Op::Put(e) if e.kind != EntryKind::Dir && e.size <= limit => e.hash.map(|h| (h, e.size)),
-                        _ => None,
-                    };
-                    let msg = match op {
-                        Op::Put(e) => Msg::Entry(e),
-                        Op::Delete(p) => Msg::Delete(p),
-                        Op::Replaced(e) => Msg::Replaced(e),
-                    };
-                    tx.send(msg).await.map_err(|_| writer_gone())?;
-                    Ok::<_, Error>(small)
-                }
-            })
-            .try_filter_map(|small| futures::future::ready(Ok(small.filter(|(h, _)| seen.insert(*h)))))
-            .map_ok(|(hash, size)| {
-                let blobs = self.blobs.clone();
-                async move {
-                    match blobs.read(&hash, size).await? {
-                        Content::Memory(b) => Ok((hash, b)),
-                        Content::File { .. } => Err(Error::Internal(format!("small blob {hash} was spooled"))),
-                    }
-                }
-            })
-            .try_buffer_unordered(FETCH_CONCURRENCY);
-        futures::pin_mut!(fetches);
-        while let Some((hash, bytes)) = fetches.try_next().await? {
-            tx.send(Msg::Blob(hash, bytes)).await.map_err(|_| writer_gone())?;
+        let mut small = Vec::new();
+        futures::pin_mut!(ops);
+        while let Some(op) = ops.try_next().await? {
+            if let Op::Put(e) = &op
+                && e.kind != EntryKind::Dir
+                && e.size <= limit
+                && let Some(h) = e.hash
+                && seen.insert(h)
+            {
+                small.push(h);
+            }
+            let msg = match op {
+                Op::Put(e) => Msg::Entry(e),
+                Op::Delete(p) => Msg::Delete(p),
+                Op::Replaced(e) => Msg::Replaced(e),
+            };
+            tx.send(msg).await.map_err(|_| writer_gone())?;
+        }
+        let reads = self.blobs.read_small(small);
+        futures::pin_mut!(reads);
+        while let Some(blobs) = reads.try_next().await? {
+            for (hash, bytes) in blobs {
+                tx.send(Msg::Blob(hash, bytes)).await.map_err(|_| writer_gone())?;
+            }
         }
         Ok(())
     }

@@ -67,7 +67,13 @@ pub async fn build_with_backend(config: Config, backend: Arc<dyn store::BlobBack
         .await
         .map_err(|e| anyhow::anyhow!("connecting the metadata database: {e}"))?;
     let admin_token = admin_token(&config).await?;
-    let blobs = BlobService::new(backend, meta.clone(), spool.clone(), config.max_blob_size, config.presign_ttl);
+    let opts = store::blobs::BlobOptions {
+        max_blob_size: config.max_blob_size,
+        presign_ttl: config.presign_ttl,
+        pack_blob_limit: config.pack_blob_limit,
+        presign_ranges: config.presign_ranges,
+    };
+    let blobs = BlobService::new(backend, meta.clone(), spool.clone(), opts);
     let manifests = ManifestService::new(meta.clone(), blobs.clone(), spool, config.manifest_small_file_limit);
     Ok(AppState(Arc::new(Inner {
         meta,

@@ -387,6 +387,53 @@ pub struct BlobLocation {
     /// True when the URL is the gateway's own: send the bearer token with it. Presigned URLs
     /// carry their own short-lived authorization and must be fetched without the token.
     pub gateway: bool,
+    /// For a blob kept in a pack behind a presigned URL: the bytes of the pack to ask for. Send
+    /// exactly `Range: bytes={start}-{start + len - 1}`; the signature covers that header, so
+    /// any other range (or none) is refused by the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<ByteRange>,
+}
+
+/// A range of bytes of an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ByteRange {
+    pub start: u64,
+    pub len: u64,
+}
+
+impl ByteRange {
+    /// The HTTP `Range` header value asking for exactly these bytes (`len` is at least 1).
+    pub fn header(&self) -> String {
+        format!("bytes={}-{}", self.start, self.start + self.len.max(1) - 1)
+    }
+}
+
+/// The answer to a batch upload (`POST .../blobs/batch`), sent once every pack holding the
+/// accepted records is durable in the blob store and recorded.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BatchUploaded {
+    /// Records in the batch.
+    pub records: u64,
+    /// Blobs this batch stored and recorded.
+    pub stored: u64,
+    /// Records already held by the gateway (not stored again).
+    pub duplicates: u64,
+    /// Packs written to the blob store.
+    pub packs: u64,
+    /// Stored bytes written.
+    pub stored_bytes: u64,
+    /// Records refused, each alone: the others are stored. Never stored.
+    pub refused: Vec<RefusedBlob>,
+}
+
+/// A record of a batch the gateway did not store, and why.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RefusedBlob {
+    pub hash: ContentHash,
+    /// `hash_mismatch` (the bytes are not the content the name says, or not a valid stored
+    /// blob) or `payload_too_large` (content over the pack limit: upload it alone with PUT).
+    pub code: ErrorCode,
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

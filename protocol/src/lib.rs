@@ -1,13 +1,14 @@
 //! Wire types shared by every podfs process.
 //!
 //! Everything that crosses a process boundary lives here: the content hash, the stored blob
-//! format, the transfer frame, workspace paths, tree entries and the REST v1 request and response bodies.
+//! format, packs and upload batches, the transfer frame, workspace paths, tree entries and the REST v1 request and response bodies.
 //! This crate is pure: no async runtime, no sockets, no files. Callers bring the bytes.
 
 pub mod api;
 pub mod blob;
 pub mod frame;
 pub mod hash;
+pub mod pack;
 pub mod path;
 pub mod tree;
 

@@ -14,9 +14,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use podfs_protocol::ContentHash;
-use podfs_protocol::api::{BlobLocation, BlobLocations, BlobUploaded, HashBatch, MAX_HASH_BATCH, MissingBlobs};
+use podfs_protocol::api::{
+    BatchUploaded, BlobLocation, BlobLocations, BlobUploaded, HashBatch, MAX_HASH_BATCH, MissingBlobs,
+};
+use podfs_protocol::pack::BATCH_CONTENT_TYPE;
 use podfs_protocol::blob::{self, HEADER_LEN};
-use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, RANGE};
 use reqwest::{Body, Method, Response, Url};
 use tokio::io::AsyncReadExt;
 use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
@@ -56,6 +59,17 @@ impl Client {
             self.request(Method::PUT, url.clone())
                 .header(CONTENT_TYPE, "application/octet-stream")
                 .body(content.clone())
+        })
+        .await
+    }
+
+    /// `POST .../blobs/batch`: many small blobs in one request (`body` built with
+    /// `podfs_protocol::pack::BatchWriter`). Retried like every idempotent upload; records the
+    /// gateway refused are listed in the answer, the others are stored once it arrives.
+    pub async fn put_batch(&self, ws: &str, body: Bytes) -> Result<BatchUploaded> {
+        let url = self.url(["v1", "workspaces", ws, "blobs", "batch"]);
+        self.call_json("upload batch", || {
+            self.request(Method::POST, url.clone()).header(CONTENT_TYPE, BATCH_CONTENT_TYPE).body(body.clone())
         })
         .await
     }
@@ -168,7 +182,11 @@ impl Client {
     /// any credentials for presigned ones.
     async fn open_location(&self, loc: &BlobLocation) -> Result<Response> {
         let (url, presigned) = self.location_url(loc)?;
-        let req = if presigned { self.anonymous(Method::GET, url) } else { self.request(Method::GET, url) };
+        let mut req = if presigned { self.anonymous(Method::GET, url) } else { self.request(Method::GET, url) };
+        if let Some(range) = &loc.range {
+            // exactly the range the signature covers: a packed blob's bytes in its pack
+            req = req.header(RANGE, range.header());
+        }
         match send(req).await {
             // Object stores refuse an expired signature with 403 (AWS) or 400 (Garage: "Date is
             // too old"); either way the cure is a fresh URL.
@@ -227,7 +245,7 @@ mod tests {
     use super::*;
 
     fn loc(url: &str, gateway: bool) -> BlobLocation {
-        BlobLocation { hash: ContentHash::of(b"x"), url: url.into(), gateway }
+        BlobLocation { hash: ContentHash::of(b"x"), url: url.into(), gateway, range: None }
     }
 
     #[test]

@@ -1,22 +1,24 @@
-//! Blobs: which are missing, upload, where to download, download.
+//! Blobs: which are missing, upload (one at a time, or small ones in batches), where to
+//! download, download.
 //!
 //! Uploads stream through the gateway, which hashes them on the way and stores them only when
-//! the content matches the name (see ARCHITECTURE.md, "Who moves the bytes"). Downloads go
+//! the content matches the name (see ARCHITECTURE.md, "Who moves the bytes"); small ones come
+//! in batches and are stored in packs (`docs/pack-format.md`). Downloads go
 //! straight to S3 through presigned URLs when the store has them; the gateway serves them
 //! otherwise. Downloads are scoped: a workspace token only gets content its workspace references.
 
-use std::collections::HashSet;
-
 use axum::Json;
+use futures::StreamExt;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use podfs_protocol::ContentHash;
 use podfs_protocol::api::{
-    BLOB_CONTENT_TYPE, BlobLocation, BlobLocations, BlobUploaded, ErrorBody, HashBatch, MAX_HASH_BATCH, MissingBlobs,
+    BLOB_CONTENT_TYPE, BatchUploaded, BlobLocations, BlobUploaded, ErrorBody, HashBatch, MAX_HASH_BATCH, MissingBlobs,
     Right,
 };
+use podfs_protocol::pack::BATCH_CONTENT_TYPE;
 
 use super::auth::Caller;
 use super::extract::{ApiJson, ApiPath, BlobPath, WorkspacePath};
@@ -75,11 +77,50 @@ pub async fn upload(
     Ok((status, Json(uploaded)))
 }
 
+/// Upload many small blobs in one request. The body (content type
+/// `application/vnd.podfs.batch`) is the header `PFSU 01 00 00 00` then records of
+/// `hash (32 bytes) | stored length (u32 LE) | stored blob` (`docs/pack-format.md`); each
+/// stored blob is raw or zstd as the client chose. Each record is verified alone: one that does
+/// not decode to its name, or holds content over the pack limit (128 KiB by default), is
+/// refused in `refused` and never stored; the others are. The answer comes once every pack is
+/// durable in the blob store and recorded.
+#[utoipa::path(post, path = "/v1/workspaces/{workspace}/blobs/batch", tag = "blobs",
+    params(WorkspacePath),
+    request_body(content = Vec<u8>, content_type = "application/vnd.podfs.batch"),
+    responses((status = 200, description = "every record stored, already held or refused alone", body = BatchUploaded),
+        (status = 400, description = "the body's framing is broken (nothing is stored)", body = ErrorBody),
+        (status = 413, description = "the body is over the batch limit (64 MiB)", body = ErrorBody),
+        (status = 415, description = "not `application/vnd.podfs.batch`", body = ErrorBody)))]
+pub async fn batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(WorkspacePath { workspace: name }): ApiPath<WorkspacePath>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<BatchUploaded>> {
+    caller.workspace(&state, &name, Right::Write).await?;
+    let ctype = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if ctype != BATCH_CONTENT_TYPE {
+        return Err(Error::UnsupportedMediaType(format!("a batch is sent as {BATCH_CONTENT_TYPE}, not {ctype:?}")));
+    }
+    let limit = state.config.max_batch_body;
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| Error::BadRequest(format!("reading the batch body: {e}")))?;
+        if buf.len() + chunk.len() > limit {
+            return Err(Error::TooLarge(format!("a batch body is at most {limit} bytes")));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Json(state.blobs.ingest_batch(buf.freeze()).await?))
+}
+
 /// Where to download each blob: presigned S3 URLs (fetch without the token), or gateway paths.
 /// Only hashes the workspace references are answered.
 #[utoipa::path(post, path = "/v1/workspaces/{workspace}/blobs/locations", tag = "blobs",
     params(WorkspacePath), request_body = HashBatch,
-    responses((status = 200, body = BlobLocations),
+    responses((status = 200, description = "a presigned URL per blob (for a packed blob with the exact `range` to send, which its signature covers) or a gateway path", body = BlobLocations),
         (status = 404, description = "a hash the workspace does not reference", body = ErrorBody),
         (status = 413, description = "more than 10,000 hashes", body = ErrorBody)))]
 pub async fn locations(
@@ -94,15 +135,8 @@ pub async fn locations(
     if let Some(h) = batch.hashes.iter().find(|h| !known.contains(h)) {
         return Err(Error::NotFound(format!("blob {h} is not part of workspace {name}")));
     }
-    let mut seen = HashSet::new();
-    let mut out = Vec::with_capacity(batch.hashes.len());
-    for h in batch.hashes.iter().filter(|h| seen.insert(**h)) {
-        out.push(match state.blobs.presigned(h).await? {
-            Some(url) => BlobLocation { hash: *h, url, gateway: false },
-            None => BlobLocation { hash: *h, url: format!("/v1/workspaces/{name}/blobs/{h}"), gateway: true },
-        });
-    }
-    Ok(Json(BlobLocations { expires_in_secs: state.blobs.presign_ttl().as_secs(), locations: out }))
+    let locations = state.blobs.locations(&batch.hashes, |h| format!("/v1/workspaces/{name}/blobs/{h}")).await?;
+    Ok(Json(BlobLocations { expires_in_secs: state.blobs.presign_ttl().as_secs(), locations }))
 }
 
 /// Download a stored blob as stored (header + raw or zstd payload); verify it before use.

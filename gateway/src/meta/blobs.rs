@@ -2,12 +2,41 @@
 //! workspace references.
 //!
 //! It records what the blob store reports; it never reads or writes blob bytes, and it does not
-//! garbage-collect (nothing here deletes a blob row).
+//! garbage-collect (nothing here deletes a blob row). Packs (`packs`, `pack_spans`) are
+//! recorded together with the blobs they hold, in one transaction, after the pack is durable.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use super::sql::{hashes_found, now_ms, stored_hashes};
+use podfs_protocol::pack::Span;
+use sqlx::Row;
+
+use super::sql::{CHUNK, hashes_found, now_ms, params, stored_hash, stored_hashes, to_u64};
 use super::{ContentHash, MetaError, MetaStore};
+
+/// Where a recorded blob's stored bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobRow {
+    pub hash: ContentHash,
+    /// Content bytes.
+    pub size: u64,
+    /// Stored bytes (header and payload).
+    pub stored_size: u64,
+    /// `None`: its own object; else the pack and the offset in it.
+    pub pack: Option<(ContentHash, u64)>,
+}
+
+/// A pack the blob store holds, to record with its blobs.
+#[derive(Debug, Clone)]
+pub struct NewPack {
+    pub hash: ContentHash,
+    pub size: u64,
+    /// Every stored blob in the pack, with its content length.
+    pub spans: Vec<(Span, u64)>,
+}
+
+fn to_i64(n: u64, what: &str) -> Result<i64, MetaError> {
+    i64::try_from(n).map_err(|_| MetaError::Invalid(format!("{what}: {n} is too large")))
+}
 
 impl MetaStore {
     /// The hashes of `hashes` that have no blob row, in request order, each once.
@@ -45,5 +74,103 @@ impl MetaStore {
             format!("SELECT DISTINCT hash FROM entries WHERE workspace_id = $1 AND hash IN ({list})")
         })
         .await
+    }
+
+    /// Records a pack the blob store holds and every blob in it, in one transaction: the pack
+    /// row, one span row per stored blob (copies of content recorded before included), and a
+    /// blob row for each content not recorded before (its location is this pack). Returns how
+    /// many blobs became referenceable. Recording the same pack again changes nothing.
+    pub async fn record_pack(&self, pack: &NewPack) -> Result<u64, MetaError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO packs (hash, size, blobs, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (hash) DO NOTHING")
+            .bind(pack.hash.0.to_vec())
+            .bind(to_i64(pack.size, "pack size")?)
+            .bind(to_i64(pack.spans.len() as u64, "pack blobs")?)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        for chunk in pack.spans.chunks(CHUNK) {
+            let rows: Vec<String> = (0..chunk.len()).map(|i| format!("({})", params(4 * i + 1, 4))).collect();
+            let sql = format!(
+                "INSERT INTO pack_spans (pack, pack_offset, length, hash) VALUES {} ON CONFLICT (pack, pack_offset) DO NOTHING",
+                rows.join(", ")
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+            for (span, _) in chunk {
+                q = q
+                    .bind(pack.hash.0.to_vec())
+                    .bind(to_i64(span.offset, "pack offset")?)
+                    .bind(to_i64(span.len, "span length")?)
+                    .bind(span.hash.0.to_vec());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        // one row per content: the first copy in the pack is its location
+        let mut seen = HashSet::new();
+        let firsts: Vec<&(Span, u64)> = pack.spans.iter().filter(|(s, _)| seen.insert(s.hash)).collect();
+        let mut created = 0;
+        for chunk in firsts.chunks(CHUNK) {
+            let rows: Vec<String> = (0..chunk.len()).map(|i| format!("({})", params(6 * i + 1, 6))).collect();
+            let sql = format!(
+                "INSERT INTO blobs (hash, size, stored_size, created_at, pack, pack_offset) VALUES {} \
+                 ON CONFLICT (hash) DO NOTHING",
+                rows.join(", ")
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+            for (span, size) in chunk {
+                q = q
+                    .bind(span.hash.0.to_vec())
+                    .bind(to_i64(*size, "blob size")?)
+                    .bind(to_i64(span.len, "stored size")?)
+                    .bind(now)
+                    .bind(pack.hash.0.to_vec())
+                    .bind(to_i64(span.offset, "pack offset")?);
+            }
+            created += q.execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    /// The blob rows of those of `hashes` that are recorded.
+    pub async fn blob_rows(&self, hashes: &[ContentHash]) -> Result<HashMap<ContentHash, BlobRow>, MetaError> {
+        let mut out = HashMap::with_capacity(hashes.len());
+        let mut conn = self.pool.acquire().await?;
+        for chunk in hashes.chunks(CHUNK) {
+            let sql = format!(
+                "SELECT hash, size, stored_size, pack, pack_offset FROM blobs WHERE hash IN ({})",
+                params(1, chunk.len())
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+            for h in chunk {
+                q = q.bind(h.0.to_vec());
+            }
+            for row in q.fetch_all(&mut *conn).await? {
+                let hash = stored_hash(&row.try_get::<Vec<u8>, _>("hash")?)?;
+                let pack: Option<Vec<u8>> = row.try_get("pack")?;
+                let offset: Option<i64> = row.try_get("pack_offset")?;
+                let pack = match (pack, offset) {
+                    (None, _) => None,
+                    (Some(p), Some(o)) => Some((stored_hash(&p)?, to_u64(o, "pack offset")?)),
+                    (Some(_), None) => {
+                        return Err(MetaError::Inconsistent(format!("blob {hash} names a pack but no offset")));
+                    }
+                };
+                let b = BlobRow {
+                    hash,
+                    size: to_u64(row.try_get("size")?, "blob size")?,
+                    stored_size: to_u64(row.try_get("stored_size")?, "stored size")?,
+                    pack,
+                };
+                out.insert(hash, b);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The blob row of `hash`, if it is recorded.
+    pub async fn blob_row(&self, hash: &ContentHash) -> Result<Option<BlobRow>, MetaError> {
+        Ok(self.blob_rows(&[*hash]).await?.remove(hash))
     }
 }

@@ -34,6 +34,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::{AnyPool, Executor};
 
+pub use blobs::{BlobRow, NewPack};
 pub use manifests::ManifestRow;
 pub use podfs_protocol::api::{DiffEntry, DiffKind, PathRevision, Right, VersionInfo, Workspace};
 pub use podfs_protocol::{Change, ContentHash, Entry, VersionRef, WsPath};

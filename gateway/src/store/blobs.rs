@@ -5,22 +5,30 @@
 //! stored blob format (zstd when it saves space) and only then recorded in the metadata store,
 //! which is what makes them referenceable by a commit. Reads decode and verify every byte
 //! before handing content out. This module does not decide who may do what (the API does).
+//!
+//! Small content (up to the pack limit) arrives in batches ([`BlobService::ingest_batch`]) and
+//! is stored in packs (`docs/pack-format.md`): the accepted records of a batch, already in the
+//! stored encoding the client chose, are concatenated into packs of about 16 MiB, each PUT once
+//! and then recorded with all its blobs in one transaction. Reads find a blob through its row:
+//! its own object, or a byte range of a pack.
 
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use podfs_protocol::ContentHash;
-use podfs_protocol::api::BlobUploaded;
+use podfs_protocol::api::{BatchUploaded, BlobLocation, BlobUploaded, ByteRange, ErrorCode, RefusedBlob};
 use podfs_protocol::blob::{self, Codec};
+use podfs_protocol::pack::{self, PackWriter, RecordError};
 use tokio::io::AsyncWriteExt;
 
 use super::{BlobBackend, ByteStream, StoreError};
 use crate::error::Error;
-use crate::meta::MetaStore;
+use crate::meta::{BlobRow, MetaStore, NewPack};
 
 /// Content at most this large is handled in memory; larger content goes through temp files.
 pub const MEMORY_LIMIT: u64 = 4 << 20;
@@ -32,6 +40,23 @@ pub fn key(hash: &ContentHash) -> String {
     let hex = hash.to_hex();
     format!("blobs/{}/{hex}", &hex[..2])
 }
+
+/// The store key of a pack: `packs/<first two hex digits>/<hash of the pack>`.
+pub fn pack_key(hash: &ContentHash) -> String {
+    let hex = hash.to_hex();
+    format!("packs/{}/{hex}", &hex[..2])
+}
+
+/// Packs of one batch PUT at once.
+const PACK_PUTS: usize = 4;
+/// Packed reads of a manifest build: ranges apart by less than this are fetched as one.
+pub const MERGE_GAP: u64 = 1 << 20;
+/// ...up to this many bytes per merged range.
+pub const MERGE_MAX: u64 = 32 << 20;
+/// Merged ranges in flight during a build.
+const RANGE_FETCHES: usize = 4;
+/// Loose small blobs in flight during a build.
+const LOOSE_FETCHES: usize = 64;
 
 /// Verified content, ready to serve.
 pub enum Content {
@@ -94,13 +119,25 @@ impl Content {
     }
 }
 
+/// The limits and switches of a [`BlobService`].
+#[derive(Debug, Clone, Copy)]
+pub struct BlobOptions {
+    /// Largest content accepted.
+    pub max_blob_size: u64,
+    /// How long presigned URLs stay valid.
+    pub presign_ttl: Duration,
+    /// Content up to this size is accepted in batches and stored in packs.
+    pub pack_blob_limit: u64,
+    /// Presign byte ranges of packs (false: the gateway serves packed blobs itself).
+    pub presign_ranges: bool,
+}
+
 #[derive(Clone)]
 pub struct BlobService {
     backend: Arc<dyn BlobBackend>,
     meta: MetaStore,
     spool: PathBuf,
-    max_blob_size: u64,
-    presign_ttl: Duration,
+    opts: BlobOptions,
 }
 
 enum Spool {
@@ -109,14 +146,8 @@ enum Spool {
 }
 
 impl BlobService {
-    pub fn new(
-        backend: Arc<dyn BlobBackend>,
-        meta: MetaStore,
-        spool: PathBuf,
-        max_blob_size: u64,
-        presign_ttl: Duration,
-    ) -> Self {
-        Self { backend, meta, spool, max_blob_size, presign_ttl }
+    pub fn new(backend: Arc<dyn BlobBackend>, meta: MetaStore, spool: PathBuf, opts: BlobOptions) -> Self {
+        Self { backend, meta, spool, opts }
     }
 
     pub fn backend(&self) -> &Arc<dyn BlobBackend> {
@@ -124,7 +155,11 @@ impl BlobService {
     }
 
     pub fn presign_ttl(&self) -> Duration {
-        self.presign_ttl
+        self.opts.presign_ttl
+    }
+
+    pub fn pack_blob_limit(&self) -> u64 {
+        self.opts.pack_blob_limit
     }
 
     /// Receives content claimed to hash to `hash`, verifies it, stores it and records it.
@@ -139,8 +174,9 @@ impl BlobService {
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| Error::BadRequest(format!("reading the upload body: {e}")))?;
             len += chunk.len() as u64;
-            if len > self.max_blob_size {
-                return Err(Error::TooLarge(format!("blob is larger than the limit of {} bytes", self.max_blob_size)));
+            if len > self.opts.max_blob_size {
+                let limit = self.opts.max_blob_size;
+                return Err(Error::TooLarge(format!("blob is larger than the limit of {limit} bytes")));
             }
             hasher.update(&chunk);
             match &mut spool {
@@ -212,9 +248,87 @@ impl BlobService {
         Ok(BlobUploaded { hash, size: len, stored_size, created })
     }
 
+    /// Receives a batch of small blobs (`podfs_protocol::pack`'s batch body), verifies every
+    /// record, stores the accepted ones not held yet in packs and records them. A record that
+    /// does not decode to its name, or holds content over the pack limit, is refused alone (and
+    /// never stored); a body whose framing is broken is refused whole. Returns only after every
+    /// pack is durable in the blob store and recorded.
+    pub async fn ingest_batch(&self, body: Bytes) -> Result<BatchUploaded, Error> {
+        let limit = self.opts.pack_blob_limit;
+        let (accepted, refused, records) = blocking("verifying a batch", move || {
+            let records = pack::read_batch(&body, max_stored_len(limit)).map_err(|e| Error::BadRequest(e.to_string()))?;
+            let n = records.len() as u64;
+            let mut accepted = Vec::with_capacity(records.len());
+            let mut refused = Vec::new();
+            let mut seen = HashSet::with_capacity(records.len());
+            for r in &records {
+                match pack::verify_record(r, limit) {
+                    Ok(size) if seen.insert(r.hash) => {
+                        // offsets into the body, so the bytes are not copied here
+                        let start = r.stored.as_ptr() as usize - body.as_ptr() as usize;
+                        accepted.push((r.hash, size, body.slice(start..start + r.stored.len())));
+                    }
+                    Ok(_) => {}
+                    Err(e) => refused.push(refusal(r.hash, e)),
+                }
+            }
+            Ok((accepted, refused, n))
+        })
+        .await?;
+        metrics::histogram!("podfs_batch_blobs").record(records as f64);
+        if !refused.is_empty() {
+            metrics::counter!("podfs_blob_hash_mismatch_total").increment(refused.len() as u64);
+        }
+        let hashes: Vec<ContentHash> = accepted.iter().map(|(h, _, _)| *h).collect();
+        let missing: HashSet<ContentHash> = self.meta.missing_blobs(&hashes).await?.into_iter().collect();
+        let duplicates = (accepted.len() - missing.len()) as u64;
+        metrics::counter!("podfs_blob_dedup_hits_total").increment(duplicates);
+        let fresh: Vec<(ContentHash, u64, Bytes)> =
+            accepted.into_iter().filter(|(h, _, _)| missing.contains(h)).collect();
+        let packs = blocking("building packs", move || Ok(build_packs(fresh))).await?;
+        let written = futures::stream::iter(packs)
+            .map(|(pack, sizes)| async move {
+                let key = pack_key(&pack.hash);
+                let size = pack.bytes.len() as u64;
+                self.backend.put_bytes(&key, Bytes::from(pack.bytes)).await?;
+                metrics::counter!("podfs_packs_written_total").increment(1);
+                metrics::counter!("podfs_pack_bytes_total").increment(size);
+                let spans = pack.spans.into_iter().zip(sizes).collect();
+                Ok::<_, Error>(NewPack { hash: pack.hash, size, spans })
+            })
+            .buffer_unordered(PACK_PUTS)
+            .try_collect::<Vec<NewPack>>()
+            .await?;
+        let mut stored = 0;
+        let mut stored_bytes = 0;
+        let mut content_bytes = 0;
+        for p in &written {
+            stored += self.meta.record_pack(p).await?;
+            stored_bytes += p.size;
+            content_bytes += p.spans.iter().map(|(_, n)| n).sum::<u64>();
+        }
+        metrics::counter!("podfs_blob_uploaded_bytes_total").increment(content_bytes);
+        metrics::counter!("podfs_blob_stored_bytes_total").increment(stored_bytes);
+        Ok(BatchUploaded { records, stored, duplicates, packs: written.len() as u64, stored_bytes, refused })
+    }
+
+    /// The stored bytes of a blob as its row places them: its own object or a pack range.
+    async fn open_stored(&self, hash: &ContentHash, row: Option<&BlobRow>) -> Result<ByteStream, StoreError> {
+        match row.and_then(|r| r.pack.map(|p| (p, r.stored_size))) {
+            Some(((pack, offset), len)) => self.backend.get_range(&pack_key(&pack), offset..offset + len).await,
+            None => self.backend.get(&key(hash)).await,
+        }
+    }
+
     /// Reads, decodes and verifies a blob of `size` content bytes.
     pub async fn read(&self, hash: &ContentHash, size: u64) -> Result<Content, Error> {
-        let stream = self.backend.get(&key(hash)).await.map_err(|e| match e {
+        let row = self.meta.blob_row(hash).await?;
+        self.read_located(hash, size, row.as_ref()).await
+    }
+
+    /// [`Self::read`] of a blob whose row was looked up already (`None`: its own object).
+    async fn read_located(&self, hash: &ContentHash, size: u64, row: Option<&BlobRow>) -> Result<Content, Error> {
+        let stream = self.open_stored(hash, row).await.map_err(|e| match e {
             StoreError::NotFound(_) => {
                 Error::Corrupt(format!("blob {hash} is recorded but missing from the blob store"))
             }
@@ -248,12 +362,85 @@ impl BlobService {
         .await
     }
 
+    /// Reads the content of many small blobs (each at most [`MEMORY_LIMIT`]), verified, in no
+    /// particular order: packed ones grouped by pack, sorted by offset and fetched as merged
+    /// ranges (gaps under [`MERGE_GAP`]), one GET per range; loose ones one GET each.
+    pub fn read_small(
+        &self,
+        blobs: Vec<ContentHash>,
+    ) -> impl Stream<Item = Result<Vec<(ContentHash, Bytes)>, Error>> + Send + '_ {
+        futures::stream::once(async move {
+            let rows = self.meta.blob_rows(&blobs).await?;
+            let mut loose = Vec::new();
+            let mut packed: HashMap<ContentHash, Vec<(u64, u64, ContentHash)>> = HashMap::new();
+            for h in blobs {
+                match rows.get(&h).and_then(|r| r.pack.map(|p| (p, r.stored_size))) {
+                    Some(((pack, offset), len)) => packed.entry(pack).or_default().push((offset, len, h)),
+                    None => loose.push(h),
+                }
+            }
+            let mut ranges = Vec::new();
+            for (pack, mut spans) in packed {
+                spans.sort_unstable_by_key(|s| s.0);
+                for group in merge_ranges(&spans, MERGE_GAP, MERGE_MAX) {
+                    ranges.push((pack, group));
+                }
+            }
+            metrics::counter!("podfs_manifest_blob_reads_total", "kind" => "range").increment(ranges.len() as u64);
+            metrics::counter!("podfs_manifest_blob_reads_total", "kind" => "loose").increment(loose.len() as u64);
+            let loose = futures::stream::iter(loose)
+                .map(move |h| async move {
+                    match self.read_located(&h, 0, None).await? {
+                        Content::Memory(b) => Ok(vec![(h, b)]),
+                        Content::File { .. } => Err(Error::Internal(format!("small blob {h} was spooled"))),
+                    }
+                })
+                .buffer_unordered(LOOSE_FETCHES);
+            let ranged = futures::stream::iter(ranges)
+                .map(move |(pack, spans)| self.read_range(pack, spans))
+                .buffer_unordered(RANGE_FETCHES);
+            Ok::<_, Error>(futures::stream::select(loose, ranged))
+        })
+        .try_flatten()
+    }
+
+    /// One GET of a merged range of `pack`, then every blob in it decoded and verified.
+    async fn read_range(
+        &self,
+        pack: ContentHash,
+        spans: Vec<(u64, u64, ContentHash)>,
+    ) -> Result<Vec<(ContentHash, Bytes)>, Error> {
+        let start = spans.first().map_or(0, |s| s.0);
+        let end = spans.last().map_or(0, |s| s.0 + s.1);
+        let what = || format!("pack {pack} bytes {start}..{end}");
+        let stream = self.backend.get_range(&pack_key(&pack), start..end).await.map_err(|e| match e {
+            StoreError::NotFound(_) => Error::Corrupt(format!("pack {pack} is recorded but missing from the blob store")),
+            other => other.into(),
+        })?;
+        let bytes = super::read_all(stream).await.map_err(|source| Error::StoreRead { what: what(), source })?;
+        if bytes.len() as u64 != end - start {
+            return Err(Error::Corrupt(format!("{}: the store returned {} bytes", what(), bytes.len())));
+        }
+        blocking("decoding packed blobs", move || {
+            spans
+                .into_iter()
+                .map(|(offset, len, hash)| {
+                    let at = (offset - start) as usize;
+                    let content = blob::decode(&bytes[at..at + len as usize], &hash).map_err(|e| verify_error(&hash, e))?;
+                    Ok((hash, Bytes::from(content)))
+                })
+                .collect()
+        })
+        .await
+    }
+
     /// The stored form of a blob, verified. Up to [`MEMORY_LIMIT`] stored bytes (most blobs)
     /// are verified whole before the first byte goes out, so a bad one is a clean `corrupt`
     /// answer; a larger one is verified as it streams and ends with an error in place of its
     /// last chunk.
     pub async fn stored(&self, hash: &ContentHash) -> Result<ByteStream, Error> {
-        let mut stream = self.backend.get(&key(hash)).await.map_err(|e| match e {
+        let row = self.meta.blob_row(hash).await?;
+        let mut stream = self.open_stored(hash, row.as_ref()).await.map_err(|e| match e {
             StoreError::NotFound(_) => Error::NotFound(format!("blob {hash} is not stored")),
             other => other.into(),
         })?;
@@ -283,10 +470,95 @@ impl BlobService {
         Ok(verified_stored(Box::pin(whole), hash))
     }
 
-    /// A presigned URL for the stored blob, or `None` when the gateway must serve it.
-    pub async fn presigned(&self, hash: &ContentHash) -> Result<Option<String>, Error> {
-        Ok(self.backend.presign_get(&key(hash), self.presign_ttl).await?)
+    /// Where a client downloads each of `hashes` (each once, in order) from: a presigned URL of
+    /// its object, or of exactly its range of a pack; or the gateway path `gateway_path(hash)`
+    /// when the store does not presign (or ranges are not presigned).
+    pub async fn locations(
+        &self,
+        hashes: &[ContentHash],
+        gateway_path: impl Fn(&ContentHash) -> String,
+    ) -> Result<Vec<BlobLocation>, Error> {
+        let rows = self.meta.blob_rows(hashes).await?;
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(hashes.len());
+        for h in hashes.iter().filter(|h| seen.insert(**h)) {
+            let (key, range) = match rows.get(h).and_then(|r| r.pack.map(|p| (p, r.stored_size))) {
+                Some(((pack, offset), len)) => (pack_key(&pack), Some(offset..offset + len)),
+                None => (key(h), None),
+            };
+            let presigned = if range.is_some() && !self.opts.presign_ranges {
+                None
+            } else {
+                self.backend.presign_get(&key, range.clone(), self.opts.presign_ttl).await?
+            };
+            out.push(match presigned {
+                Some(url) => BlobLocation {
+                    hash: *h,
+                    url,
+                    gateway: false,
+                    range: range.map(|r| ByteRange { start: r.start, len: r.end - r.start }),
+                },
+                None => BlobLocation { hash: *h, url: gateway_path(h), gateway: true, range: None },
+            });
+        }
+        Ok(out)
     }
+}
+
+/// The largest stored form of content up to `content_len` bytes: header plus zstd's worst case.
+pub fn max_stored_len(content_len: u64) -> u64 {
+    content_len.saturating_add(content_len / 128).saturating_add(blob::HEADER_LEN as u64 + 1024)
+}
+
+/// Why a batch record was refused, as the answer names it.
+fn refusal(hash: ContentHash, e: RecordError) -> RefusedBlob {
+    let code = match e {
+        RecordError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
+        RecordError::Blob(_) => ErrorCode::HashMismatch,
+    };
+    RefusedBlob { hash, code, message: format!("blob {hash}: {e}; not stored") }
+}
+
+/// Packs of at most about [`pack::PACK_TARGET`] bytes holding `blobs`, in order, each with the
+/// content length of every blob it holds.
+fn build_packs(blobs: Vec<(ContentHash, u64, Bytes)>) -> Vec<(pack::Pack, Vec<u64>)> {
+    let mut out = Vec::new();
+    let mut w = PackWriter::new();
+    let mut sizes = Vec::new();
+    for (hash, size, stored) in blobs {
+        if w.would_overflow(stored.len()) {
+            out.push((std::mem::take(&mut w).finish(), std::mem::take(&mut sizes)));
+        }
+        w.push(hash, &stored);
+        sizes.push(size);
+    }
+    if !w.is_empty() {
+        out.push((w.finish(), sizes));
+    }
+    out
+}
+
+/// `spans` (offset, length, name; sorted by offset) cut into groups that are each fetched as
+/// one range: a group ends where the next span starts more than `gap` bytes after it, or would
+/// take the group past `max` bytes.
+pub fn merge_ranges<T: Copy>(spans: &[(u64, u64, T)], gap: u64, max: u64) -> Vec<Vec<(u64, u64, T)>> {
+    let mut out: Vec<Vec<(u64, u64, T)>> = Vec::new();
+    let mut start = 0;
+    let mut end = 0;
+    for &s in spans {
+        match out.last_mut() {
+            Some(group) if s.0 >= end && s.0 - end <= gap && s.0 + s.1 - start <= max => {
+                group.push(s);
+                end = s.0 + s.1;
+            }
+            _ => {
+                out.push(vec![s]);
+                start = s.0;
+                end = s.0 + s.1;
+            }
+        }
+    }
+    out
 }
 
 /// Chunks of a stored blob in flight to the verifier.

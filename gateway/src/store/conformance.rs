@@ -38,14 +38,33 @@ pub async fn run(backend: &dyn BlobBackend, prefix: &str) {
     let back = read_all(backend.get(&k3).await.expect("get big")).await.expect("read big");
     assert!(back == big, "big object came back different ({} bytes)", back.len());
 
+    // ranges: inside, to the end, past the end
+    let range = |r: std::ops::Range<u64>| backend.get_range(&k3, r);
+    assert!(read_all(range(0..1).await.expect("range")).await.expect("read") == big[..1], "first byte");
+    let mid = read_all(range(1_000_000..1_000_100).await.expect("range")).await.expect("read");
+    assert!(mid == big[1_000_000..1_000_100], "a range in the middle");
+    let n = big.len() as u64;
+    let tail = read_all(range(n - 10..n).await.expect("range")).await.expect("read");
+    assert!(tail == big[big.len() - 10..], "the last bytes");
+    let past = read_all(range(n - 10..n + 100).await.expect("range")).await.expect("read");
+    assert!(past == big[big.len() - 10..], "a range past the end gives what there is");
+    match backend.get_range(&missing, 0..10).await {
+        Err(StoreError::NotFound(_)) => {}
+        Err(e) => panic!("get_range of a missing key must be NotFound, got {e}"),
+        Ok(_) => panic!("get_range of a missing key must fail"),
+    }
+
     // list is sorted and filtered by prefix
     let keys = backend.list(&format!("{prefix}/")).await.expect("list");
     assert_eq!(keys, vec![k1.clone(), k2.clone(), k3.clone()]);
     assert_eq!(backend.list(&format!("{prefix}/ab")).await.expect("list sub"), vec![k2.clone()]);
 
     // presigning either gives a URL or says the gateway serves the object
-    if let Some(url) = backend.presign_get(&k1, Duration::from_secs(60)).await.expect("presign") {
+    if let Some(url) = backend.presign_get(&k1, None, Duration::from_secs(60)).await.expect("presign") {
         assert!(url.starts_with("http://") || url.starts_with("https://"), "presigned URL {url}");
+        let ranged = backend.presign_get(&k3, Some(10..20), Duration::from_secs(60)).await.expect("presign range");
+        let ranged = ranged.expect("a store that presigns also presigns ranges");
+        assert!(ranged.to_ascii_lowercase().contains("range"), "the Range header is signed: {ranged}");
     }
 
     // delete, and deleting again is fine

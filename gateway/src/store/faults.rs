@@ -13,6 +13,7 @@
 //! time).
 
 use std::collections::HashSet;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -129,6 +130,15 @@ impl Faults {
         Calls { puts: s.puts, gets: s.gets, presigns: s.presigns, expired: s.expired }
     }
 
+    /// Counts a get (whole or ranged); its delay, whether it must fail, whether `key` is hidden
+    /// or corrupt.
+    fn on_get(&self, key: &str) -> (Duration, bool, bool, bool) {
+        let mut s = self.state();
+        s.gets += 1;
+        let fail = take_one(&mut s.failing_gets);
+        (s.delay, fail, s.hidden.contains(key), s.corrupt.contains(key))
+    }
+
     /// Counts a put; whether it must fail.
     fn on_put(&self) -> (Duration, bool) {
         let mut s = self.state();
@@ -136,6 +146,16 @@ impl Faults {
         let fail = take_one(&mut s.failing_puts);
         (s.delay, fail)
     }
+}
+
+/// `stream` with its last byte flipped (one byte appended when it is empty).
+async fn corrupted(key: &str, stream: ByteStream) -> Result<ByteStream, StoreError> {
+    let mut bytes = read_all(stream).await.map_err(|e| StoreError::Unavailable(format!("reading {key}: {e}")))?;
+    match bytes.last_mut() {
+        Some(last) => *last ^= 1,
+        None => bytes.push(0),
+    }
+    Ok(Box::pin(futures::stream::once(async move { Ok(Bytes::from(bytes)) })))
 }
 
 /// Takes one from a budget of failures; whether there was one.
@@ -180,12 +200,7 @@ impl BlobBackend for Faulty {
     }
 
     async fn get(&self, key: &str) -> Result<ByteStream, StoreError> {
-        let (delay, fail, hidden, corrupt) = {
-            let mut s = self.faults.state();
-            s.gets += 1;
-            let fail = take_one(&mut s.failing_gets);
-            (s.delay, fail, s.hidden.contains(key), s.corrupt.contains(key))
-        };
+        let (delay, fail, hidden, corrupt) = self.faults.on_get(key);
         wait(delay).await;
         if fail {
             return Err(injected("get", key));
@@ -194,15 +209,20 @@ impl BlobBackend for Faulty {
             return Err(StoreError::NotFound(key.to_string()));
         }
         let stream = self.inner.get(key).await?;
-        if !corrupt {
-            return Ok(stream);
+        if corrupt { corrupted(key, stream).await } else { Ok(stream) }
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<ByteStream, StoreError> {
+        let (delay, fail, hidden, corrupt) = self.faults.on_get(key);
+        wait(delay).await;
+        if fail {
+            return Err(injected("get", key));
         }
-        let mut bytes = read_all(stream).await.map_err(|e| StoreError::Unavailable(format!("reading {key}: {e}")))?;
-        match bytes.last_mut() {
-            Some(last) => *last ^= 1,
-            None => bytes.push(0),
+        if hidden {
+            return Err(StoreError::NotFound(key.to_string()));
         }
-        Ok(Box::pin(futures::stream::once(async move { Ok(Bytes::from(bytes)) })))
+        let stream = self.inner.get_range(key, range).await?;
+        if corrupt { corrupted(key, stream).await } else { Ok(stream) }
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
@@ -229,7 +249,12 @@ impl BlobBackend for Faulty {
         self.inner.list(prefix).await
     }
 
-    async fn presign_get(&self, key: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
+    async fn presign_get(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
         let (delay, expire) = {
             let mut s = self.faults.state();
             s.presigns += 1;
@@ -237,10 +262,10 @@ impl BlobBackend for Faulty {
         };
         wait(delay).await;
         if !expire {
-            return self.inner.presign_get(key, ttl).await;
+            return self.inner.presign_get(key, range, ttl).await;
         }
         let signed = tokio::time::Instant::now();
-        let url = self.inner.presign_get(key, EXPIRED_TTL).await?;
+        let url = self.inner.presign_get(key, range, EXPIRED_TTL).await?;
         if url.is_some() {
             tokio::time::sleep_until(signed + EXPIRED_AFTER).await;
             self.faults.state().expired += 1;
@@ -333,7 +358,7 @@ mod tests {
     async fn a_backend_without_presigning_has_nothing_to_expire() {
         let (b, f) = faulty();
         f.expire_presigned(1);
-        assert_eq!(b.presign_get("k", Duration::from_secs(60)).await.unwrap(), None);
+        assert_eq!(b.presign_get("k", None, Duration::from_secs(60)).await.unwrap(), None);
         assert_eq!(f.calls(), Calls { presigns: 1, ..Calls::default() });
     }
 }

@@ -2,6 +2,7 @@
 //! writes go to a temporary file that is synced and renamed into place, so a crash never leaves
 //! a torn object under a key.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -77,6 +78,14 @@ impl BlobBackend for FileBackend {
         Ok(Box::pin(ReaderStream::with_capacity(file, 256 * 1024)))
     }
 
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<ByteStream, StoreError> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let mut file = tokio::fs::File::open(self.path(key)?).await.map_err(|e| StoreError::io(key, e))?;
+        file.seek(std::io::SeekFrom::Start(range.start)).await.map_err(|e| StoreError::io(key, e))?;
+        let part = file.take(range.end.saturating_sub(range.start));
+        Ok(Box::pin(ReaderStream::with_capacity(part, 256 * 1024)))
+    }
+
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         tokio::fs::try_exists(self.path(key)?).await.map_err(|e| StoreError::io(key, e))
     }
@@ -117,7 +126,7 @@ impl BlobBackend for FileBackend {
         .await
     }
 
-    async fn presign_get(&self, _key: &str, _ttl: Duration) -> Result<Option<String>, StoreError> {
+    async fn presign_get(&self, _key: &str, _range: Option<Range<u64>>, _ttl: Duration) -> Result<Option<String>, StoreError> {
         Ok(None)
     }
 }

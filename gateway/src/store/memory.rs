@@ -1,6 +1,7 @@
 //! An in-memory backend for unit tests. Not for production: it forgets everything on exit.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::RwLock;
 use std::time::Duration;
@@ -47,6 +48,13 @@ impl BlobBackend for MemoryBackend {
         Ok(Box::pin(futures::stream::once(async move { Ok(data) })))
     }
 
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<ByteStream, StoreError> {
+        let data = self.read().get(key).cloned().ok_or_else(|| StoreError::NotFound(key.to_string()))?;
+        let len = data.len() as u64;
+        let part = data.slice(range.start.min(len) as usize..range.end.min(len) as usize);
+        Ok(Box::pin(futures::stream::once(async move { Ok(part) })))
+    }
+
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         Ok(self.read().contains_key(key))
     }
@@ -61,7 +69,7 @@ impl BlobBackend for MemoryBackend {
         Ok(objects.keys().filter(|k| k.starts_with(prefix)).cloned().collect())
     }
 
-    async fn presign_get(&self, _key: &str, _ttl: Duration) -> Result<Option<String>, StoreError> {
+    async fn presign_get(&self, _key: &str, _range: Option<Range<u64>>, _ttl: Duration) -> Result<Option<String>, StoreError> {
         Ok(None)
     }
 }

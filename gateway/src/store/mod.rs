@@ -12,6 +12,7 @@ pub mod file;
 pub mod memory;
 pub mod s3;
 
+use std::ops::Range;
 use std::path::Path;
 use std::pin::Pin;
 use std::time::Duration;
@@ -77,13 +78,22 @@ pub trait BlobBackend: Send + Sync + 'static {
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StoreError>;
     /// Streams the object at `key`.
     async fn get(&self, key: &str) -> Result<ByteStream, StoreError>;
+    /// Streams the bytes `range` of the object at `key` (fewer when the object ends first).
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<ByteStream, StoreError>;
     async fn exists(&self, key: &str) -> Result<bool, StoreError>;
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Every key starting with `prefix`, sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
     /// A URL a client can GET `key` from without credentials for `ttl`, when the backend
-    /// supports it; `None` means the gateway serves the object itself.
-    async fn presign_get(&self, key: &str, ttl: Duration) -> Result<Option<String>, StoreError>;
+    /// supports it; `None` means the gateway serves the object itself. With `range`, the
+    /// signature covers the header `Range: bytes=start-(end-1)`: the client must send exactly
+    /// that, and the store refuses any other range or none.
+    async fn presign_get(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError>;
 }
 
 /// Builds a backend from its URL: `file:///dir` or `s3://bucket/prefix?endpoint=..&region=..`.
@@ -99,6 +109,21 @@ pub async fn from_url(url: &str, s3_opts: &s3::S3Options) -> anyhow::Result<std:
         return Ok(std::sync::Arc::new(memory::MemoryBackend::default()));
     }
     anyhow::bail!("blob store {url:?}: expected file:///dir or s3://bucket/prefix")
+}
+
+/// The HTTP `Range` header value for `range` (end exclusive, at least one byte).
+pub fn range_header(range: &Range<u64>) -> String {
+    format!("bytes={}-{}", range.start, range.end.max(range.start + 1) - 1)
+}
+
+/// The kind of object a key names, for metrics: `blob`, `pack`, `manifest` or `other`.
+pub fn kind_of(key: &str) -> &'static str {
+    match key.split('/').next() {
+        Some("blobs") => "blob",
+        Some("packs") => "pack",
+        Some("manifests") => "manifest",
+        _ => "other",
+    }
 }
 
 /// Collects a whole stream into memory.

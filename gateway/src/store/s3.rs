@@ -6,6 +6,7 @@
 //! is set (Garage, MinIO, 127.0.0.1); Tigris and AWS take `path_style=false`.
 //! Nothing here relies on conditional writes: Garage ignores them, and keys are content-addressed.
 
+use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
@@ -207,6 +208,20 @@ impl BlobBackend for S3Backend {
         Ok(Box::pin(ReaderStream::with_capacity(out.body.into_async_read(), 256 * 1024)))
     }
 
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<ByteStream, StoreError> {
+        let k = self.key(key);
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&k)
+            .range(super::range_header(&range))
+            .send()
+            .await
+            .map_err(|e| classify(&k, e))?;
+        Ok(Box::pin(ReaderStream::with_capacity(out.body.into_async_read(), 256 * 1024)))
+    }
+
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         let k = self.key(key);
         match self.client.head_object().bucket(&self.bucket).key(&k).send().await {
@@ -240,12 +255,27 @@ impl BlobBackend for S3Backend {
         Ok(out)
     }
 
-    async fn presign_get(&self, key: &str, ttl: Duration) -> Result<Option<String>, StoreError> {
+    async fn presign_get(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
         let k = self.key(key);
         let cfg = PresigningConfig::expires_in(ttl)
             .map_err(|e| StoreError::Refused { what: format!("presigning {k} for {ttl:?}"), source: Box::new(e) })?;
-        let req =
-            self.client.get_object().bucket(&self.bucket).key(&k).presigned(cfg).await.map_err(|e| classify(&k, e))?;
+        let mut get = self.client.get_object().bucket(&self.bucket).key(&k);
+        if let Some(r) = &range {
+            // a header of the request, so part of the signature (X-Amz-SignedHeaders)
+            get = get.range(super::range_header(r));
+        }
+        let req = get.presigned(cfg).await.map_err(|e| classify(&k, e))?;
+        if range.is_some() && !req.headers().any(|(name, _)| name.eq_ignore_ascii_case("range")) {
+            return Err(StoreError::Refused {
+                what: format!("presigning a range of {k}"),
+                source: "the SDK did not sign the Range header".into(),
+            });
+        }
         Ok(Some(req.uri().to_string()))
     }
 }

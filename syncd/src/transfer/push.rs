@@ -2,8 +2,9 @@
 //!
 //! Steps: scan and hash the directory (rayon, on a blocking thread); fetch the head manifest;
 //! compute the change list; ask which blobs the gateway lacks (batches of 10,000); upload only
-//! those, many at once (small files from memory, large ones streamed from disk); commit with the
-//! head as parent. Nothing changed: no commit. A head that moved meanwhile: [`PushError::Conflict`].
+//! those: small content in batches the gateway stores as packs (encoded here, several batches
+//! at once), larger content one PUT each (from memory up to 1 MiB, else streamed from disk);
+//! commit with the head as parent. Nothing changed: no commit. A head that moved meanwhile: [`PushError::Conflict`].
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -13,6 +14,8 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use podfs_client::{Client, Error as ClientError};
 use podfs_protocol::api::{CommitRequest, ErrorCode};
+use podfs_protocol::blob;
+use podfs_protocol::pack::BatchWriter;
 use podfs_protocol::{Change, ContentHash, Entry, EntryKind, VersionRef};
 use serde::Serialize;
 
@@ -20,8 +23,17 @@ use super::progress;
 use crate::changes::compute_changes;
 use crate::local::scan::{self, Source, Sources};
 
-/// Uploads in flight at once.
+/// Single uploads (large content) in flight at once.
 pub const UPLOAD_CONCURRENCY: usize = 32;
+/// Content up to this size is uploaded in batches (the gateway keeps it in packs); the
+/// gateway's default pack limit.
+pub const BATCH_BLOB_LIMIT: u64 = podfs_protocol::pack::DEFAULT_PACK_BLOB_LIMIT;
+/// A batch carries at most this many content bytes...
+pub const BATCH_CONTENT: u64 = 32 << 20;
+/// ...and at most this many blobs.
+pub const BATCH_BLOBS: usize = 8192;
+/// Batches in flight at once.
+pub const BATCH_CONCURRENCY: usize = 4;
 /// Files smaller than this are read into memory for upload; larger ones are streamed.
 pub const SMALL_UPLOAD: u64 = 1 << 20;
 
@@ -161,7 +173,9 @@ pub(crate) async fn remote_tree(client: &Client, ws: &str, head: u64) -> anyhow:
     Ok(entries)
 }
 
-/// Uploads the `missing` blobs; returns how many and their content bytes.
+/// Uploads the `missing` blobs; returns how many and their content bytes. Content up to
+/// [`BATCH_BLOB_LIMIT`] goes in batches ([`upload_batch`]), larger content one PUT each; both
+/// run at once.
 pub(crate) async fn upload(
     client: &Client,
     ws: &str,
@@ -169,16 +183,29 @@ pub(crate) async fn upload(
     missing: &[ContentHash],
     opts: &PushOptions,
 ) -> anyhow::Result<(u64, u64)> {
-    let mut jobs = Vec::with_capacity(missing.len());
+    let mut small = Vec::new();
+    let mut large = Vec::new();
     for h in missing {
         let source =
             sources.get(h).with_context(|| format!("the gateway asked for blob {h}, which this push does not hold"))?;
-        jobs.push((*h, source));
+        if source.size() <= BATCH_BLOB_LIMIT { small.push((*h, source)) } else { large.push((*h, source)) }
     }
-    let total: u64 = jobs.iter().map(|(_, s)| s.size()).sum();
+    let total: u64 = small.iter().chain(&large).map(|(_, s)| s.size()).sum();
+    let n = (small.len() + large.len()) as u64;
     let bar = progress::bytes_bar(opts.progress, total, "uploading");
-    let n = jobs.len() as u64;
-    futures::stream::iter(jobs)
+    let batches = futures::stream::iter(batches(small))
+        .map(|batch| {
+            let bar = bar.clone();
+            async move {
+                let bytes: u64 = batch.iter().map(|(_, s)| s.size()).sum();
+                upload_batch(client, ws, batch).await?;
+                bar.inc(bytes);
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(BATCH_CONCURRENCY)
+        .try_collect::<()>();
+    let singles = futures::stream::iter(large)
         .map(|(h, source)| {
             let bar = bar.clone();
             async move {
@@ -188,10 +215,84 @@ pub(crate) async fn upload(
             }
         })
         .buffer_unordered(opts.concurrency.max(1))
-        .try_collect::<()>()
-        .await?;
+        .try_collect::<()>();
+    futures::try_join!(batches, singles)?;
     bar.finish_and_clear();
     Ok((n, total))
+}
+
+/// `jobs` cut into batches of at most [`BATCH_CONTENT`] content bytes and [`BATCH_BLOBS`] blobs.
+fn batches(jobs: Vec<(ContentHash, &Source)>) -> Vec<Vec<(ContentHash, &Source)>> {
+    let mut out: Vec<Vec<(ContentHash, &Source)>> = Vec::new();
+    let mut bytes = 0;
+    for job in jobs {
+        let size = job.1.size();
+        match out.last_mut() {
+            Some(b) if b.len() < BATCH_BLOBS && bytes + size <= BATCH_CONTENT => {
+                b.push(job);
+                bytes += size;
+            }
+            _ => {
+                out.push(vec![job]);
+                bytes = size;
+            }
+        }
+    }
+    out
+}
+
+/// One batch: every file re-read and checked against its hash (a file that changed since it
+/// was hashed stops the push, as with single uploads), encoded here in the stored format
+/// (zstd where it pays, on all cores) so the gateway only verifies, then sent in one request.
+/// Records the gateway refuses for size (its pack limit is lower) are sent alone instead.
+async fn upload_batch(client: &Client, ws: &str, batch: Vec<(ContentHash, &Source)>) -> anyhow::Result<()> {
+    let owned: Vec<(ContentHash, Source)> = batch.iter().map(|(h, s)| (*h, (*s).clone())).collect();
+    let body = tokio::task::spawn_blocking(move || encode_batch(&owned)).await.context("batch encoder failed")??;
+    let answer = client.put_batch(ws, Bytes::from(body)).await.context("cannot upload a batch of blobs")?;
+    for refused in answer.refused {
+        let Some((h, source)) = batch.iter().find(|(h, _)| *h == refused.hash) else {
+            anyhow::bail!("the gateway refused blob {}, which the batch did not hold", refused.hash);
+        };
+        match refused.code {
+            ErrorCode::PayloadTooLarge => upload_one(client, ws, *h, source).await?,
+            ErrorCode::HashMismatch => return Err(PushError::ChangedWhilePushing { path: shown(source, h) }.into()),
+            _ => anyhow::bail!("the gateway refused blob {h}: {}", refused.message),
+        }
+    }
+    Ok(())
+}
+
+/// The batch body of `jobs`, each re-read and verified.
+fn encode_batch(jobs: &[(ContentHash, Source)]) -> anyhow::Result<Vec<u8>> {
+    use rayon::prelude::*;
+    let records: Vec<Vec<u8>> = jobs
+        .par_iter()
+        .map(|(h, source)| {
+            let content = match source {
+                Source::Inline(text) => text.to_vec(),
+                Source::File { path, .. } => {
+                    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
+                }
+            };
+            if content.len() as u64 != source.size() || ContentHash::of(&content) != *h {
+                return Err(PushError::ChangedWhilePushing { path: shown(source, h) }.into());
+            }
+            anyhow::Ok(blob::encode(&content))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut w = BatchWriter::new();
+    for ((h, _), stored) in jobs.iter().zip(&records) {
+        w.push(h, stored);
+    }
+    Ok(w.finish())
+}
+
+/// How a source is named in messages.
+fn shown(source: &Source, hash: &ContentHash) -> String {
+    match source {
+        Source::File { path, .. } => path.display().to_string(),
+        Source::Inline(_) => format!("symlink text {hash}"),
+    }
 }
 
 async fn upload_one(client: &Client, ws: &str, hash: ContentHash, source: &Source) -> anyhow::Result<()> {
