@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use podfs_gateway::store::faults::{Calls, Faults};
 
-/// The key a blob is stored under in the blob store (for [`Faults`] switches).
+/// The key a loose blob is stored under in the blob store (for [`Faults`] switches).
 pub fn blob_key(hash: &podfs_protocol::ContentHash) -> String {
     podfs_gateway::store::blobs::key(hash)
 }
@@ -38,6 +38,8 @@ pub struct TestGateway {
     pub config: Config,
     /// Holds chosen requests in front of the router (inert until armed).
     pub hold: Hold,
+    /// The gateway's state (its metadata and blob stores), for tests that look behind the API.
+    pub state: podfs_gateway::server::AppState,
     shutdown: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     _dir: Option<tempfile::TempDir>,
@@ -87,6 +89,17 @@ impl TestGateway {
         (gw, db, store)
     }
 
+    /// The key of the object holding the stored blob `hash`: its own object, or its pack (for
+    /// [`Faults`] switches and bucket inspection).
+    pub async fn stored_key(&self, hash: &podfs_protocol::ContentHash) -> anyhow::Result<String> {
+        let row =
+            self.state.meta.blob_row(hash).await?.ok_or_else(|| anyhow::anyhow!("blob {hash} is not recorded"))?;
+        Ok(match row.pack {
+            Some((pack, _)) => podfs_gateway::store::blobs::pack_key(&pack),
+            None => blob_key(hash),
+        })
+    }
+
     /// Starts a gateway with `config` on a free loopback port.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         Self::start_owning(config, None).await
@@ -109,7 +122,7 @@ impl TestGateway {
         let state = podfs_gateway::server::build_with_backend(config.clone(), backend).await?;
         let hold = Hold::default();
         let layer = hold.clone();
-        let app = podfs_gateway::api::router(state)
+        let app = podfs_gateway::api::router(state.clone())
             .layer(axum::middleware::from_fn(move |req: Request, next: Next| layer.clone().intercept(req, next)));
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
@@ -117,7 +130,15 @@ impl TestGateway {
             axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await?;
             Ok::<(), anyhow::Error>(())
         });
-        Ok(Self { url: format!("http://{}", config.listen), config, hold, shutdown, task: Some(task), _dir: dir })
+        Ok(Self {
+            url: format!("http://{}", config.listen),
+            config,
+            hold,
+            state,
+            shutdown,
+            task: Some(task),
+            _dir: dir,
+        })
     }
 
     /// A client with the admin token.

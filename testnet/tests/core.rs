@@ -123,14 +123,26 @@ async fn identical_content_is_stored_once_in_s3() {
         std::fs::write(dir.join("sub/b.txt"), &content).expect("write");
         push(&client, ws, &dir, PushOptions::default()).await.expect("push");
     }
-    let hash = ContentHash::of(content.as_bytes()).to_string();
+    let hash = ContentHash::of(content.as_bytes());
     let keys = podfs_testnet::s3::list_keys(&store).await.expect("list bucket");
-    let hits: Vec<&String> = keys.iter().filter(|k| k.contains(&hash)).collect();
-    assert_eq!(hits.len(), 1, "content must be stored once, found {hits:?} among {} keys", keys.len());
+    // small content lives in a pack: the bucket holds one pack (the second push sent nothing)
+    // and no object of the content's own
+    assert!(!keys.iter().any(|k| k.contains(&hash.to_string())), "no loose copy: {keys:?}");
+    let packs: Vec<&String> = keys.iter().filter(|k| k.contains("packs/")).collect();
+    assert_eq!(packs.len(), 1, "one pack, found {packs:?} among {} keys", keys.len());
+    let pack = podfs_testnet::s3::get_object(&store, packs[0]).await.expect("get pack");
+    assert_eq!(
+        ContentHash::of(&pack).to_string(),
+        packs[0].rsplit('/').next().unwrap_or_default(),
+        "named by its hash"
+    );
+    let spans = podfs_protocol::pack::read_spans(&pack).expect("a well-formed pack");
+    let hits: Vec<_> = spans.iter().filter(|s| s.hash == hash).collect();
+    assert_eq!(hits.len(), 1, "content must be stored once: {spans:?}");
     // stored compressed, in the blob format, and it decodes to the content
-    let stored = podfs_testnet::s3::get_object(&store, hits[0]).await.expect("get object");
+    let stored = &pack[hits[0].offset as usize..(hits[0].offset + hits[0].len) as usize];
     assert!(stored.len() < content.len() / 4, "{} stored bytes for {} content bytes", stored.len(), content.len());
-    let decoded = podfs_protocol::blob::decode(&stored, &ContentHash::of(content.as_bytes())).expect("decodes");
+    let decoded = podfs_protocol::blob::decode(stored, &hash).expect("decodes");
     assert_eq!(decoded, content.as_bytes());
     gw.stop().await.expect("stop");
     db.cleanup().await;
@@ -254,12 +266,15 @@ async fn tampered_blob_in_s3_is_never_served() {
     let content = format!("precious {}\n", rand::random::<u64>());
     std::fs::write(src.join("a.txt"), &content).expect("write");
     push(&client, "t", &src, PushOptions::default()).await.expect("push");
-    let hash = ContentHash::of(content.as_bytes()).to_string();
     let keys = podfs_testnet::s3::list_keys(&store).await.expect("list");
-    let key = keys.iter().find(|k| k.contains(&hash)).expect("stored object");
-    // someone replaces the object with a well-formed blob of other content
-    let forged = podfs_protocol::blob::encode(b"forged content\n");
-    podfs_testnet::s3::put_object(&store, key, forged).await.expect("overwrite");
+    let key = keys.iter().find(|k| k.contains("packs/")).expect("the pack holding it");
+    // someone replaces the pack with a well-formed pack holding other content of the same
+    // length at the same place
+    let forged_content = "x".repeat(content.len());
+    let mut forged = podfs_protocol::pack::PackWriter::new();
+    let stored = podfs_protocol::blob::encode(forged_content.as_bytes());
+    forged.push(ContentHash::of(forged_content.as_bytes()), &stored);
+    podfs_testnet::s3::put_object(&store, key, forged.finish().bytes).await.expect("overwrite");
 
     let err = client.get_file("t", VersionRef::Head, &WsPath::new("a.txt").expect("path")).await.err();
     let err = err.expect("a tampered blob must not be served");

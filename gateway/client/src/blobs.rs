@@ -17,8 +17,8 @@ use podfs_protocol::ContentHash;
 use podfs_protocol::api::{
     BatchUploaded, BlobLocation, BlobLocations, BlobUploaded, HashBatch, MAX_HASH_BATCH, MissingBlobs,
 };
-use podfs_protocol::pack::BATCH_CONTENT_TYPE;
 use podfs_protocol::blob::{self, HEADER_LEN};
+use podfs_protocol::pack::BATCH_CONTENT_TYPE;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, RANGE};
 use reqwest::{Body, Method, Response, Url};
 use tokio::io::AsyncReadExt;

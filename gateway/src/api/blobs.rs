@@ -8,11 +8,11 @@
 //! otherwise. Downloads are scoped: a workspace token only gets content its workspace references.
 
 use axum::Json;
-use futures::StreamExt;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use podfs_protocol::ContentHash;
 use podfs_protocol::api::{
     BLOB_CONTENT_TYPE, BatchUploaded, BlobLocations, BlobUploaded, ErrorBody, HashBatch, MAX_HASH_BATCH, MissingBlobs,

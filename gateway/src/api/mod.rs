@@ -85,8 +85,10 @@ fn api() -> OpenApiRouter<AppState> {
 /// max_blob_size, while streaming), with the OpenAPI document of both.
 fn parts() -> (axum::Router<AppState>, axum::Router<AppState>, utoipa::openapi::OpenApi) {
     let (json_routes, mut doc) = api().split_for_parts();
-    let (upload_routes, upload_doc) =
-        OpenApiRouter::<AppState>::new().routes(routes!(blobs::upload, blobs::download)).routes(routes!(blobs::batch)).split_for_parts();
+    let (upload_routes, upload_doc) = OpenApiRouter::<AppState>::new()
+        .routes(routes!(blobs::upload, blobs::download))
+        .routes(routes!(blobs::batch))
+        .split_for_parts();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     doc.merge(upload_doc);
     shared_error_responses(&mut doc);

@@ -83,13 +83,15 @@ impl MetaStore {
     pub async fn record_pack(&self, pack: &NewPack) -> Result<u64, MetaError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO packs (hash, size, blobs, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (hash) DO NOTHING")
-            .bind(pack.hash.0.to_vec())
-            .bind(to_i64(pack.size, "pack size")?)
-            .bind(to_i64(pack.spans.len() as u64, "pack blobs")?)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO packs (hash, size, blobs, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (hash) DO NOTHING",
+        )
+        .bind(pack.hash.0.to_vec())
+        .bind(to_i64(pack.size, "pack size")?)
+        .bind(to_i64(pack.spans.len() as u64, "pack blobs")?)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         for chunk in pack.spans.chunks(CHUNK) {
             let rows: Vec<String> = (0..chunk.len()).map(|i| format!("({})", params(4 * i + 1, 4))).collect();
             let sql = format!(
@@ -172,5 +174,19 @@ impl MetaStore {
     /// The blob row of `hash`, if it is recorded.
     pub async fn blob_row(&self, hash: &ContentHash) -> Result<Option<BlobRow>, MetaError> {
         Ok(self.blob_rows(&[*hash]).await?.remove(hash))
+    }
+
+    /// Every recorded pack: hash, size and the number of stored blobs written into it, by hash.
+    pub async fn packs(&self) -> Result<Vec<(ContentHash, u64, u64)>, MetaError> {
+        let rows = sqlx::query("SELECT hash, size, blobs FROM packs ORDER BY hash").fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    stored_hash(&r.try_get::<Vec<u8>, _>("hash")?)?,
+                    to_u64(r.try_get("size")?, "pack size")?,
+                    to_u64(r.try_get("blobs")?, "pack blobs")?,
+                ))
+            })
+            .collect()
     }
 }

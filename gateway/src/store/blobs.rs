@@ -256,7 +256,8 @@ impl BlobService {
     pub async fn ingest_batch(&self, body: Bytes) -> Result<BatchUploaded, Error> {
         let limit = self.opts.pack_blob_limit;
         let (accepted, refused, records) = blocking("verifying a batch", move || {
-            let records = pack::read_batch(&body, max_stored_len(limit)).map_err(|e| Error::BadRequest(e.to_string()))?;
+            let records =
+                pack::read_batch(&body, max_stored_len(limit)).map_err(|e| Error::BadRequest(e.to_string()))?;
             let n = records.len() as u64;
             let mut accepted = Vec::with_capacity(records.len());
             let mut refused = Vec::new();
@@ -297,8 +298,11 @@ impl BlobService {
                 Ok::<_, Error>(NewPack { hash: pack.hash, size, spans })
             })
             .buffer_unordered(PACK_PUTS)
-            .try_collect::<Vec<NewPack>>()
-            .await?;
+            // every PUT runs to its end (none is cancelled half-way when another fails)
+            .collect::<Vec<Result<NewPack, Error>>>()
+            .await
+            .into_iter()
+            .collect::<Result<Vec<NewPack>, Error>>()?;
         let mut stored = 0;
         let mut stored_bytes = 0;
         let mut content_bytes = 0;
@@ -414,7 +418,9 @@ impl BlobService {
         let end = spans.last().map_or(0, |s| s.0 + s.1);
         let what = || format!("pack {pack} bytes {start}..{end}");
         let stream = self.backend.get_range(&pack_key(&pack), start..end).await.map_err(|e| match e {
-            StoreError::NotFound(_) => Error::Corrupt(format!("pack {pack} is recorded but missing from the blob store")),
+            StoreError::NotFound(_) => {
+                Error::Corrupt(format!("pack {pack} is recorded but missing from the blob store"))
+            }
             other => other.into(),
         })?;
         let bytes = super::read_all(stream).await.map_err(|source| Error::StoreRead { what: what(), source })?;
@@ -426,7 +432,8 @@ impl BlobService {
                 .into_iter()
                 .map(|(offset, len, hash)| {
                     let at = (offset - start) as usize;
-                    let content = blob::decode(&bytes[at..at + len as usize], &hash).map_err(|e| verify_error(&hash, e))?;
+                    let content =
+                        blob::decode(&bytes[at..at + len as usize], &hash).map_err(|e| verify_error(&hash, e))?;
                     Ok((hash, Bytes::from(content)))
                 })
                 .collect()

@@ -126,7 +126,12 @@ impl BlobBackend for FileBackend {
         .await
     }
 
-    async fn presign_get(&self, _key: &str, _range: Option<Range<u64>>, _ttl: Duration) -> Result<Option<String>, StoreError> {
+    async fn presign_get(
+        &self,
+        _key: &str,
+        _range: Option<Range<u64>>,
+        _ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
         Ok(None)
     }
 }

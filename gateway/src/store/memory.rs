@@ -69,7 +69,12 @@ impl BlobBackend for MemoryBackend {
         Ok(objects.keys().filter(|k| k.starts_with(prefix)).cloned().collect())
     }
 
-    async fn presign_get(&self, _key: &str, _range: Option<Range<u64>>, _ttl: Duration) -> Result<Option<String>, StoreError> {
+    async fn presign_get(
+        &self,
+        _key: &str,
+        _range: Option<Range<u64>>,
+        _ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
         Ok(None)
     }
 }
