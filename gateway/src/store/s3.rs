@@ -154,6 +154,16 @@ impl S3Backend {
     }
 }
 
+/// Counts one S3 request by operation and object kind (`podfs_s3_requests_total`), and the
+/// bytes of a PUT (`podfs_s3_put_bytes`). Presigned URLs are not requests of the gateway.
+fn count(op: &'static str, key: &str, put_bytes: Option<u64>) {
+    let kind = super::kind_of(key);
+    metrics::counter!("podfs_s3_requests_total", "op" => op, "kind" => kind).increment(1);
+    if let Some(n) = put_bytes {
+        metrics::histogram!("podfs_s3_put_bytes", "kind" => kind).record(n as f64);
+    }
+}
+
 fn classify<E>(key: &str, e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -179,6 +189,7 @@ impl BlobBackend for S3Backend {
     }
 
     async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        count("put", key, Some(data.len() as u64));
         let k = self.key(key);
         self.client
             .put_object()
@@ -193,6 +204,7 @@ impl BlobBackend for S3Backend {
     }
 
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StoreError> {
+        count("put", key, tokio::fs::metadata(path).await.ok().map(|m| m.len()));
         let k = self.key(key);
         let body = SdkStream::from_path(path).await.map_err(|e| StoreError::Refused {
             what: format!("reading {} for {k}", path.display()),
@@ -203,12 +215,14 @@ impl BlobBackend for S3Backend {
     }
 
     async fn get(&self, key: &str) -> Result<ByteStream, StoreError> {
+        count("get", key, None);
         let k = self.key(key);
         let out = self.client.get_object().bucket(&self.bucket).key(&k).send().await.map_err(|e| classify(&k, e))?;
         Ok(Box::pin(ReaderStream::with_capacity(out.body.into_async_read(), 256 * 1024)))
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<ByteStream, StoreError> {
+        count("get_range", key, None);
         let k = self.key(key);
         let out = self
             .client
@@ -223,6 +237,7 @@ impl BlobBackend for S3Backend {
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        count("head", key, None);
         let k = self.key(key);
         match self.client.head_object().bucket(&self.bucket).key(&k).send().await {
             Ok(_) => Ok(true),
@@ -234,6 +249,7 @@ impl BlobBackend for S3Backend {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        count("delete", key, None);
         let k = self.key(key);
         self.client.delete_object().bucket(&self.bucket).key(&k).send().await.map_err(|e| classify(&k, e))?;
         Ok(())
