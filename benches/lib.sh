@@ -52,3 +52,34 @@ start_bench_gateway() {
 	for _ in $(seq 100); do curl -sf "$PODFS_GATEWAY/healthz" >/dev/null && return 0; sleep 0.1; done
 	die "the gateway did not start (see $2/gw.log)"
 }
+
+stop_pid() { # PID: SIGTERM, then SIGKILL after 5 s
+	local pid=$1
+	[ -n "$pid" ] || return 0
+	kill "$pid" 2>/dev/null || return 0
+	for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+	kill -9 "$pid" 2>/dev/null || true
+}
+
+# The npm corpus (a real node_modules): npm ci once per lockfile into $NPM_CACHE, kept across
+# runs; prints its directory.
+NPM_CACHE=${PODFS_BENCH_NPM_CACHE:-/var/tmp/podfs-bench-npm}
+npm_tree() {
+	local hash dir tmp
+	hash=$(cat benches/npm/package.json benches/npm/package-lock.json | sha256sum | cut -c1-16)
+	dir=$NPM_CACHE/$hash
+	if [ ! -d "$dir/node_modules" ]; then
+		log "npm ci of benches/npm/package-lock.json into $dir (once)"
+		tmp=$NPM_CACHE/tmp-$$
+		rm -rf "$tmp" && mkdir -p "$tmp"
+		cp benches/npm/package.json benches/npm/package-lock.json "$tmp/"
+		# npm ci refuses a lockfile without the optional packages of other platforms, which a
+		# registry mirror may not serve (this workplace's does not): npm install then installs
+		# the locked versions and skips what the registry lacks.
+		(cd "$tmp" && { npm ci --ignore-scripts --no-audit --no-fund --loglevel=silent >&2 ||
+			npm install --ignore-scripts --no-audit --no-fund --no-save --loglevel=error >&2; })
+		rm -f "$tmp/package.json" "$tmp/package-lock.json"
+		mv "$tmp" "$dir"
+	fi
+	echo "$dir"
+}

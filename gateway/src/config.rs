@@ -25,6 +25,8 @@ pub const DEFAULT_MAX_JSON_BODY: usize = 64 << 20;
 pub const DEFAULT_MANIFEST_SMALL_FILE_LIMIT: u64 = podfs_manifest::DEFAULT_SMALL_FILE_LIMIT;
 /// Content up to this size is uploaded in batches and stored in packs.
 pub const DEFAULT_PACK_BLOB_LIMIT: u64 = podfs_protocol::pack::DEFAULT_PACK_BLOB_LIMIT;
+/// Packed blobs are handled in memory: at most 4 MiB each.
+pub const MAX_PACK_BLOB_LIMIT: u64 = 4 << 20;
 /// Largest batch upload body: a client batch of 16 MiB plus ample room.
 pub const DEFAULT_MAX_BATCH_BODY: usize = 64 << 20;
 /// Name of the admin token file written by the embedded default.
@@ -144,7 +146,12 @@ impl Config {
                 .manifest_small_file_limit
                 .or(file.manifest_small_file_limit)
                 .unwrap_or(DEFAULT_MANIFEST_SMALL_FILE_LIMIT),
-            pack_blob_limit: args.pack_blob_limit.or(file.pack_blob_limit).unwrap_or(DEFAULT_PACK_BLOB_LIMIT),
+            pack_blob_limit: match args.pack_blob_limit.or(file.pack_blob_limit).unwrap_or(DEFAULT_PACK_BLOB_LIMIT) {
+                n if n > MAX_PACK_BLOB_LIMIT => {
+                    anyhow::bail!("pack_blob_limit {n} is over the maximum of {MAX_PACK_BLOB_LIMIT} bytes (4 MiB)")
+                }
+                n => n,
+            },
             max_batch_body: DEFAULT_MAX_BATCH_BODY,
             presign_ranges: args.presign_ranges.or(file.presign_ranges).unwrap_or(true),
             data_dir,

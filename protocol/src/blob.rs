@@ -26,6 +26,8 @@ pub const HEADER_LEN: usize = 16;
 pub const ZSTD_LEVEL: i32 = 3;
 /// Compression is kept only when it saves at least this share of the size.
 pub const MIN_SAVING: f64 = 0.05;
+/// Whole blobs up to this size decode with a reused bulk context.
+const BULK_LIMIT: usize = 4 << 20;
 /// How much of a large blob is compressed to decide whether compressing it is worth it.
 pub const SAMPLE_LEN: usize = 256 * 1024;
 
@@ -88,6 +90,12 @@ impl Header {
     }
 }
 
+/// The most bytes a stored blob of `content_len` content bytes can take: the 16-byte header plus
+/// the content, or a zstd frame of it (zstd's worst case is `n + n/256 + 64`).
+pub fn max_stored_len(content_len: u64) -> u64 {
+    content_len.saturating_add(content_len / 128).saturating_add(HEADER_LEN as u64 + 1024)
+}
+
 /// True when zstd saves at least [`MIN_SAVING`] on `sample`.
 pub fn worth_compressing(sample: &[u8]) -> bool {
     if sample.len() < 64 {
@@ -99,10 +107,46 @@ pub fn worth_compressing(sample: &[u8]) -> bool {
     }
 }
 
+thread_local! {
+    /// One zstd context per thread for whole-blob work: creating one costs more than
+    /// compressing a small file (packs of thousands of small files).
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// `content` compressed at [`ZSTD_LEVEL`] with this thread's context.
+fn compress(content: &[u8]) -> io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?);
+        }
+        match c.as_mut() {
+            Some(c) => c.compress(content),
+            None => Err(io::Error::other("no zstd context")),
+        }
+    })
+}
+
+/// A zstd payload decompressed with this thread's context into at most `cap` bytes (an error
+/// beyond: a decompression bomb).
+fn decompress(payload: &[u8], cap: usize) -> io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match d.as_mut() {
+            Some(d) => d.decompress(payload, cap),
+            None => Err(io::Error::other("no zstd context")),
+        }
+    })
+}
+
 /// Encodes `content` whole, compressing when that saves space.
 pub fn encode(content: &[u8]) -> Vec<u8> {
     if content.len() >= 64
-        && let Ok(c) = zstd::bulk::compress(content, ZSTD_LEVEL)
+        && let Ok(c) = compress(content)
         && (c.len() as f64) < content.len() as f64 * (1.0 - MIN_SAVING)
     {
         let mut out = Vec::with_capacity(HEADER_LEN + c.len());
@@ -150,6 +194,12 @@ pub fn decode(stored: &[u8], expected: &ContentHash) -> Result<Vec<u8>, BlobErro
     let cap = usize::try_from(header.content_len).map_err(|_| BlobError::BadHeader)?;
     let content = match header.codec {
         Codec::Raw => payload.to_vec(),
+        // whole blobs in memory (small ones, mostly): this thread's context, capped at the
+        // declared length; larger ones stream with a context of their own
+        Codec::Zstd if cap <= BULK_LIMIT => match decompress(payload, cap) {
+            Ok(out) => out,
+            Err(_) => return Err(BlobError::Length { expected: header.content_len, actual: u64::MAX }),
+        },
         Codec::Zstd => {
             let mut out = Vec::with_capacity(cap.min(64 << 20));
             let mut dec = zstd::stream::read::Decoder::new(payload)?.take(header.content_len + 1);

@@ -17,7 +17,7 @@ use podfs_protocol::ContentHash;
 use podfs_protocol::api::{
     BatchUploaded, BlobLocation, BlobLocations, BlobUploaded, HashBatch, MAX_HASH_BATCH, MissingBlobs,
 };
-use podfs_protocol::blob::{self, HEADER_LEN};
+use podfs_protocol::blob;
 use podfs_protocol::pack::BATCH_CONTENT_TYPE;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, RANGE};
 use reqwest::{Body, Method, Response, Url};
@@ -31,11 +31,7 @@ use crate::error::{Error, MarkedWriter, Result};
 /// Buffer size for streaming a file up or a blob down.
 pub(crate) const STREAM_BUF: usize = 256 * 1024;
 
-/// The most bytes a stored blob of `content_len` content bytes can take: the 16-byte header plus
-/// the content, or a zstd frame of it (zstd's worst case is `n + n/256 + 64`).
-pub fn max_stored_len(content_len: u64) -> u64 {
-    content_len.saturating_add(content_len / 128).saturating_add(HEADER_LEN as u64 + 1024)
-}
+pub use podfs_protocol::blob::max_stored_len;
 
 impl Client {
     /// `POST .../blobs/missing`: the hashes of `hashes` the gateway does not hold, in request
@@ -266,7 +262,7 @@ mod tests {
     #[test]
     fn stored_length_bound_covers_zstd_worst_case() {
         for n in [0u64, 1, 100, 64 << 10, 1 << 20, 50 << 20] {
-            assert!(max_stored_len(n) >= n + n / 256 + 64 + HEADER_LEN as u64);
+            assert!(max_stored_len(n) >= n + n / 256 + 64 + blob::HEADER_LEN as u64);
         }
         assert_eq!(max_stored_len(u64::MAX), u64::MAX);
     }

@@ -257,7 +257,7 @@ impl BlobService {
         let limit = self.opts.pack_blob_limit;
         let (accepted, refused, records) = blocking("verifying a batch", move || {
             let records =
-                pack::read_batch(&body, max_stored_len(limit)).map_err(|e| Error::BadRequest(e.to_string()))?;
+                pack::read_batch(&body, blob::max_stored_len(limit)).map_err(|e| Error::BadRequest(e.to_string()))?;
             let n = records.len() as u64;
             let mut accepted = Vec::with_capacity(records.len());
             let mut refused = Vec::new();
@@ -510,11 +510,6 @@ impl BlobService {
         }
         Ok(out)
     }
-}
-
-/// The largest stored form of content up to `content_len` bytes: header plus zstd's worst case.
-pub fn max_stored_len(content_len: u64) -> u64 {
-    content_len.saturating_add(content_len / 128).saturating_add(blob::HEADER_LEN as u64 + 1024)
 }
 
 /// Why a batch record was refused, as the answer names it.
