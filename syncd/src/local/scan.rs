@@ -202,8 +202,17 @@ pub fn mode_of(kind: EntryKind, st_mode: u32) -> u32 {
     }
 }
 
+/// Files hashed per chunk by [`scan_with`].
+pub const SCAN_CHUNK: usize = 2048;
+
 /// Scans `root` (blocking: call from a blocking thread). Content is hashed on rayon's pool.
 pub fn scan(root: &Path) -> anyhow::Result<ScannedTree> {
+    scan_with(root, |_| {})
+}
+
+/// [`scan`], handing the content of each chunk of [`SCAN_CHUNK`] paths to `on_chunk` as soon
+/// as it is hashed (so a push can upload while the rest is still being read).
+pub fn scan_with(root: &Path, mut on_chunk: impl FnMut(Vec<(ContentHash, Source)>)) -> anyhow::Result<ScannedTree> {
     let meta = fs::metadata(root).with_context(|| format!("cannot read {}", root.display()))?;
     if !meta.is_dir() {
         bail!("{} is not a directory", root.display());
@@ -223,7 +232,29 @@ pub fn scan(root: &Path) -> anyhow::Result<ScannedTree> {
         tracing::warn!("{w}");
     }
 
-    let hashed: Vec<(Entry, Option<Source>)> = found
+    let mut hashed: Vec<(Entry, Option<Source>)> = Vec::with_capacity(found.len());
+    let mut rest = found.into_iter().peekable();
+    while rest.peek().is_some() {
+        let chunk: Vec<_> = rest.by_ref().take(SCAN_CHUNK).collect();
+        let done = hash_all(chunk)?;
+        on_chunk(done.iter().filter_map(|(e, s)| Some((e.hash?, s.clone()?))).collect());
+        hashed.extend(done);
+    }
+
+    let mut tree = ScannedTree { skipped, ..ScannedTree::default() };
+    for (entry, source) in hashed {
+        if let (Some(h), Some(s)) = (entry.hash, source) {
+            tree.sources.entry(h).or_insert(s);
+        }
+        tree.entries.push(entry);
+    }
+    tree.entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(tree)
+}
+
+/// Hashes `found` on rayon's pool: each entry with where to read its content again.
+fn hash_all(found: Vec<Found>) -> anyhow::Result<Vec<(Entry, Option<Source>)>> {
+    found
         .into_par_iter()
         .map(|f| -> anyhow::Result<(Entry, Option<Source>)> {
             let (hash, size, source) = match f.kind {
@@ -241,17 +272,7 @@ pub fn scan(root: &Path) -> anyhow::Result<ScannedTree> {
             };
             Ok((Entry { path: f.path, kind: f.kind, hash, size, mode: f.mode }, source))
         })
-        .collect::<anyhow::Result<_>>()?;
-
-    let mut tree = ScannedTree { skipped, ..ScannedTree::default() };
-    for (entry, source) in hashed {
-        if let (Some(h), Some(s)) = (entry.hash, source) {
-            tree.sources.entry(h).or_insert(s);
-        }
-        tree.entries.push(entry);
-    }
-    tree.entries.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(tree)
+        .collect()
 }
 
 #[cfg(test)]

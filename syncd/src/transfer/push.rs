@@ -1,13 +1,16 @@
 //! `podfs push WORKSPACE DIR`: commit a local directory as the workspace's next version.
 //!
-//! Steps: scan and hash the directory (rayon, on a blocking thread); fetch the head manifest;
-//! compute the change list; ask which blobs the gateway lacks (batches of 10,000); upload only
-//! those: small content in batches the gateway stores as packs (encoded here, several batches
-//! at once), larger content one PUT each (from memory up to 1 MiB, else streamed from disk);
-//! commit with the head as parent. Nothing changed: no commit. A head that moved meanwhile: [`PushError::Conflict`].
+//! Steps: scan and hash the directory (rayon, on a blocking thread) and, as each chunk of
+//! 2,048 paths is hashed, ask which of its blobs the gateway lacks and upload only those, while
+//! the scan goes on: small content in batches the gateway stores as packs (encoded here,
+//! several batches at once), larger content one PUT each (from memory up to 1 MiB, else
+//! streamed from disk). Then fetch the head manifest, compute the change list and commit with
+//! the head as parent. Nothing changed: no commit. A head that moved meanwhile:
+//! [`PushError::Conflict`].
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -16,8 +19,10 @@ use podfs_client::{Client, Error as ClientError};
 use podfs_protocol::api::{CommitRequest, ErrorCode};
 use podfs_protocol::blob;
 use podfs_protocol::pack::BatchWriter;
-use podfs_protocol::{Change, ContentHash, Entry, EntryKind, VersionRef};
+use podfs_protocol::{ContentHash, Entry, EntryKind, VersionRef};
 use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 use super::progress;
 use crate::changes::compute_changes;
@@ -102,10 +107,24 @@ pub async fn push(client: &Client, ws: &str, dir: &Path, opts: PushOptions) -> a
         Err(e) => return Err(e).with_context(|| format!("cannot read workspace {ws}")),
     };
 
-    let spin = progress::spinner(opts.progress, "scanning");
+    // Uploads start while the tree is still being hashed: each chunk of hashed content is
+    // checked against the gateway (`blobs/missing`) and what it lacks is sent at once. Content
+    // the head already holds is never missing, so uploading before the change list is known
+    // sends nothing a push after it would not.
+    let bar = progress::bytes_bar(opts.progress, 0, "uploading");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<(ContentHash, Source)>>(4);
     let root = dir.to_path_buf();
-    let tree = tokio::task::spawn_blocking(move || scan::scan(&root)).await.context("scan task failed")??;
-    spin.finish_and_clear();
+    let scanning = tokio::task::spawn_blocking(move || {
+        scan::scan_with(&root, |chunk| {
+            // a closed channel means the uploads failed: the scan result no longer matters
+            let _ = tx.blocking_send(chunk);
+        })
+    });
+    let uploads = upload_as_scanned(client, ws, rx, &opts, &bar);
+    let (tree, uploaded) = tokio::join!(scanning, uploads);
+    let tree = tree.context("scan task failed")??;
+    let (uploaded_blobs, uploaded_bytes) = uploaded?;
+    bar.finish_and_clear();
 
     let remote = remote_tree(client, ws, head).await?;
     let changes = compute_changes(&tree.entries, &remote);
@@ -115,8 +134,8 @@ pub async fn push(client: &Client, ws: &str, dir: &Path, opts: PushOptions) -> a
         parent: head,
         up_to_date: changes.is_empty(),
         changes: changes.len() as u64,
-        uploaded_blobs: 0,
-        uploaded_bytes: 0,
+        uploaded_blobs,
+        uploaded_bytes,
         files: count(&tree.entries, EntryKind::File),
         symlinks: count(&tree.entries, EntryKind::Symlink),
         dirs: count(&tree.entries, EntryKind::Dir),
@@ -125,20 +144,6 @@ pub async fn push(client: &Client, ws: &str, dir: &Path, opts: PushOptions) -> a
     if changes.is_empty() {
         return Ok(report);
     }
-
-    let mut seen = HashSet::new();
-    let needed: Vec<ContentHash> = changes
-        .iter()
-        .filter_map(|c| match c {
-            Change::Put(e) => e.hash,
-            Change::Delete(_) => None,
-        })
-        .filter(|h| seen.insert(*h))
-        .collect();
-    let missing = client.missing_blobs(ws, &needed).await.context("cannot ask the gateway which blobs it lacks")?;
-    let (blobs, bytes) = upload(client, ws, &tree.sources, &missing, &opts).await?;
-    report.uploaded_blobs = blobs;
-    report.uploaded_bytes = bytes;
 
     let req =
         CommitRequest { parent_version: head, message: opts.message.clone(), author: opts.author.clone(), changes };
@@ -198,6 +203,7 @@ pub(crate) async fn upload(
             let bar = bar.clone();
             async move {
                 let bytes: u64 = batch.iter().map(|(_, s)| s.size()).sum();
+                let batch = batch.into_iter().map(|(h, s)| (h, s.clone())).collect();
                 upload_batch(client, ws, batch).await?;
                 bar.inc(bytes);
                 anyhow::Ok(())
@@ -219,6 +225,89 @@ pub(crate) async fn upload(
     futures::try_join!(batches, singles)?;
     bar.finish_and_clear();
     Ok((n, total))
+}
+
+/// Uploads what the gateway lacks of each chunk of `chunks` as it arrives (each content once):
+/// small content gathered into batches, larger content one PUT each, both some at a time.
+/// Returns how many blobs and content bytes were uploaded.
+async fn upload_as_scanned(
+    client: &Client,
+    ws: &str,
+    mut chunks: tokio::sync::mpsc::Receiver<Vec<(ContentHash, Source)>>,
+    opts: &PushOptions,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<(u64, u64)> {
+    let batches = Arc::new(Semaphore::new(BATCH_CONCURRENCY));
+    let singles = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    let mut running: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    let mut seen = HashSet::new();
+    let mut pending: Vec<(ContentHash, Source)> = Vec::new();
+    let mut pending_bytes = 0;
+    let (mut n, mut total) = (0u64, 0u64);
+    let spawn = |running: &mut JoinSet<_>, permits: &Arc<Semaphore>, job: Job| {
+        let (client, ws, bar, permits) = (client.clone(), ws.to_string(), bar.clone(), Arc::clone(permits));
+        running.spawn(async move {
+            let _permit = permits.acquire_owned().await?;
+            let bytes = job.bytes();
+            match job {
+                Job::Batch(batch) => upload_batch(&client, &ws, batch).await?,
+                Job::Single(h, source) => upload_one(&client, &ws, h, &source).await?,
+            }
+            bar.inc(bytes);
+            anyhow::Ok(())
+        });
+    };
+    while let Some(chunk) = chunks.recv().await {
+        let fresh: Vec<(ContentHash, Source)> = chunk.into_iter().filter(|(h, _)| seen.insert(*h)).collect();
+        let hashes: Vec<ContentHash> = fresh.iter().map(|(h, _)| *h).collect();
+        let missing: HashSet<ContentHash> = client
+            .missing_blobs(ws, &hashes)
+            .await
+            .context("cannot ask the gateway which blobs it lacks")?
+            .into_iter()
+            .collect();
+        for (h, source) in fresh.into_iter().filter(|(h, _)| missing.contains(h)) {
+            let size = source.size();
+            (n, total) = (n + 1, total + size);
+            bar.inc_length(size);
+            if size > BATCH_BLOB_LIMIT {
+                spawn(&mut running, &singles, Job::Single(h, source));
+                continue;
+            }
+            if pending.len() >= BATCH_BLOBS || pending_bytes + size > BATCH_CONTENT {
+                spawn(&mut running, &batches, Job::Batch(std::mem::take(&mut pending)));
+                pending_bytes = 0;
+            }
+            pending.push((h, source));
+            pending_bytes += size;
+        }
+        // a failed upload stops the push early
+        while let Some(done) = running.try_join_next() {
+            done.context("upload task failed")??;
+        }
+    }
+    if !pending.is_empty() {
+        spawn(&mut running, &batches, Job::Batch(pending));
+    }
+    while let Some(done) = running.join_next().await {
+        done.context("upload task failed")??;
+    }
+    Ok((n, total))
+}
+
+/// One upload of [`upload_as_scanned`].
+enum Job {
+    Batch(Vec<(ContentHash, Source)>),
+    Single(ContentHash, Source),
+}
+
+impl Job {
+    fn bytes(&self) -> u64 {
+        match self {
+            Job::Batch(b) => b.iter().map(|(_, s)| s.size()).sum(),
+            Job::Single(_, s) => s.size(),
+        }
+    }
 }
 
 /// `jobs` cut into batches of at most [`BATCH_CONTENT`] content bytes and [`BATCH_BLOBS`] blobs.
@@ -245,9 +334,10 @@ fn batches(jobs: Vec<(ContentHash, &Source)>) -> Vec<Vec<(ContentHash, &Source)>
 /// was hashed stops the push, as with single uploads), encoded here in the stored format
 /// (zstd where it pays, on all cores) so the gateway only verifies, then sent in one request.
 /// Records the gateway refuses for size (its pack limit is lower) are sent alone instead.
-async fn upload_batch(client: &Client, ws: &str, batch: Vec<(ContentHash, &Source)>) -> anyhow::Result<()> {
-    let owned: Vec<(ContentHash, Source)> = batch.iter().map(|(h, s)| (*h, (*s).clone())).collect();
-    let body = tokio::task::spawn_blocking(move || encode_batch(&owned)).await.context("batch encoder failed")??;
+async fn upload_batch(client: &Client, ws: &str, batch: Vec<(ContentHash, Source)>) -> anyhow::Result<()> {
+    let (body, batch) = tokio::task::spawn_blocking(move || encode_batch(&batch).map(|body| (body, batch)))
+        .await
+        .context("batch encoder failed")??;
     let answer = client.put_batch(ws, Bytes::from(body)).await.context("cannot upload a batch of blobs")?;
     for refused in answer.refused {
         let Some((h, source)) = batch.iter().find(|(h, _)| *h == refused.hash) else {
