@@ -175,6 +175,25 @@ async fn wait(d: Duration) {
     }
 }
 
+impl Faulty {
+    /// A whole or ranged get through the faults switched on for `key`.
+    async fn faulty_get(&self, key: &str, range: Option<Range<u64>>) -> Result<ByteStream, StoreError> {
+        let (delay, fail, hidden, corrupt) = self.faults.on_get(key);
+        wait(delay).await;
+        if fail {
+            return Err(injected("get", key));
+        }
+        if hidden {
+            return Err(StoreError::NotFound(key.to_string()));
+        }
+        let stream = match range {
+            Some(r) => self.inner.get_range(key, r).await?,
+            None => self.inner.get(key).await?,
+        };
+        if corrupt { corrupted(key, stream).await } else { Ok(stream) }
+    }
+}
+
 #[async_trait]
 impl BlobBackend for Faulty {
     fn describe(&self) -> String {
@@ -200,29 +219,11 @@ impl BlobBackend for Faulty {
     }
 
     async fn get(&self, key: &str) -> Result<ByteStream, StoreError> {
-        let (delay, fail, hidden, corrupt) = self.faults.on_get(key);
-        wait(delay).await;
-        if fail {
-            return Err(injected("get", key));
-        }
-        if hidden {
-            return Err(StoreError::NotFound(key.to_string()));
-        }
-        let stream = self.inner.get(key).await?;
-        if corrupt { corrupted(key, stream).await } else { Ok(stream) }
+        self.faulty_get(key, None).await
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<ByteStream, StoreError> {
-        let (delay, fail, hidden, corrupt) = self.faults.on_get(key);
-        wait(delay).await;
-        if fail {
-            return Err(injected("get", key));
-        }
-        if hidden {
-            return Err(StoreError::NotFound(key.to_string()));
-        }
-        let stream = self.inner.get_range(key, range).await?;
-        if corrupt { corrupted(key, stream).await } else { Ok(stream) }
+        self.faulty_get(key, Some(range)).await
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {

@@ -122,12 +122,7 @@ async fn upload(client: &Client, ws: &str, root: &Path, changes: &[Change]) -> a
         .filter(|e| seen.insert(e.hash))
         .collect();
     let hashes: Vec<ContentHash> = puts.iter().filter_map(|e| e.hash).collect();
-    let missing: HashSet<ContentHash> = client
-        .missing_blobs(ws, &hashes)
-        .await
-        .context("cannot ask the gateway which blobs it lacks")?
-        .into_iter()
-        .collect();
+    let missing = push::missing_set(client, ws, &hashes).await?;
     let mut sources = Sources::new();
     for e in puts {
         let Some(h) = e.hash.filter(|h| missing.contains(h)) else { continue };

@@ -260,12 +260,7 @@ async fn upload_as_scanned(
     while let Some(chunk) = chunks.recv().await {
         let fresh: Vec<(ContentHash, Source)> = chunk.into_iter().filter(|(h, _)| seen.insert(*h)).collect();
         let hashes: Vec<ContentHash> = fresh.iter().map(|(h, _)| *h).collect();
-        let missing: HashSet<ContentHash> = client
-            .missing_blobs(ws, &hashes)
-            .await
-            .context("cannot ask the gateway which blobs it lacks")?
-            .into_iter()
-            .collect();
+        let missing = missing_set(client, ws, &hashes).await?;
         for (h, source) in fresh.into_iter().filter(|(h, _)| missing.contains(h)) {
             let size = source.size();
             (n, total) = (n + 1, total + size);
@@ -293,6 +288,16 @@ async fn upload_as_scanned(
         done.context("upload task failed")??;
     }
     Ok((n, total))
+}
+
+/// The hashes of `hashes` the gateway lacks.
+pub(crate) async fn missing_set(
+    client: &Client,
+    ws: &str,
+    hashes: &[ContentHash],
+) -> anyhow::Result<HashSet<ContentHash>> {
+    let missing = client.missing_blobs(ws, hashes).await.context("cannot ask the gateway which blobs it lacks")?;
+    Ok(missing.into_iter().collect())
 }
 
 /// One upload of [`upload_as_scanned`].
