@@ -25,6 +25,17 @@ const DEFAULT_EXAMPLES: &str = "25";
 /// The checks that must hold for every answer (names as schemathesis 4 spells them).
 const CHECKS: &str = "not_a_server_error,status_code_conformance,content_type_conformance";
 const README: &[u8] = b"hello world";
+/// schemathesis hooks: bodies for the batch upload's media type (which it cannot serialize on
+/// its own), half of them behind a valid batch header so the framing checks are reached.
+const HOOKS: &str = r#"
+import schemathesis
+from hypothesis import strategies as st
+
+schemathesis.openapi.media_type(
+    "application/vnd.podfs.batch",
+    st.one_of(st.binary(max_size=4096), st.binary(max_size=4096).map(lambda b: b"PFSU\x01\x00\x00\x00" + b)),
+)
+"#;
 /// Identifiers of the seeded data, each used for half of the generated values of its parameter.
 const CONFIG: &str = r#"
 [dictionaries.workspaces]
@@ -101,6 +112,7 @@ async fn served_openapi_document_holds_under_fuzzing() {
     }
     let config = dir.path().join("schemathesis.toml");
     std::fs::write(&config, CONFIG.replace("HASH", &readme.to_hex())).expect("write schemathesis.toml");
+    std::fs::write(dir.path().join("podfs_hooks.py"), HOOKS).expect("write podfs_hooks.py");
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
@@ -124,6 +136,8 @@ async fn served_openapi_document_holds_under_fuzzing() {
         // .hypothesis and any report stay in the temp dir
         .current_dir(dir.path())
         .env("NO_COLOR", "1")
+        .env("SCHEMATHESIS_HOOKS", "podfs_hooks")
+        .env("PYTHONPATH", dir.path())
         .stdin(Stdio::null());
     if let Ok(seed) = std::env::var("PODFS_SCHEMATHESIS_SEED") {
         cmd.args(["--seed", &seed]);
