@@ -29,6 +29,19 @@ pub fn hash_file(path: &Path) -> io::Result<(ContentHash, u64)> {
     }
 }
 
+/// The BLAKE3 and bytes of the file at `path` when it is at most `limit` bytes long (read whole,
+/// once); `None` for a longer file (hash it with [`hash_file`]).
+pub fn read_small(path: &Path, limit: u64) -> io::Result<Option<(ContentHash, Bytes)>> {
+    if fs::symlink_metadata(path)?.len() > limit {
+        return Ok(None);
+    }
+    let data = fs::read(path)?;
+    if data.len() as u64 > limit {
+        return Ok(None);
+    }
+    Ok(Some((ContentHash::of(&data), Bytes::from(data))))
+}
+
 /// BLAKE3 of everything `r` yields and its length, read in large chunks hashed in parallel.
 pub fn hash_reader(r: &mut impl Read) -> io::Result<(ContentHash, u64)> {
     let mut h = blake3::Hasher::new();

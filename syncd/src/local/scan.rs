@@ -29,7 +29,8 @@ pub use super::state::STATE_DIR;
 pub enum Source {
     /// A regular file of `size` bytes (re-read at upload time).
     File { path: PathBuf, size: u64 },
-    /// Content held in memory (symlink text).
+    /// Content held in memory: symlink text, or a small file's bytes as they were read to hash
+    /// them (so a push sends exactly what it hashed without reading the file again).
     Inline(Bytes),
 }
 
@@ -204,6 +205,10 @@ pub fn mode_of(kind: EntryKind, st_mode: u32) -> u32 {
 
 /// Files hashed per chunk by [`scan_with`].
 pub const SCAN_CHUNK: usize = 2048;
+/// Files up to this size keep the bytes read to hash them ([`Source::Inline`])...
+pub const KEEP_CONTENT: u64 = 128 << 10;
+/// ...up to this many bytes per scan in all; later ones are read again at upload.
+pub const KEEP_BUDGET: u64 = 256 << 20;
 
 /// Scans `root` (blocking: call from a blocking thread). Content is hashed on rayon's pool.
 pub fn scan(root: &Path) -> anyhow::Result<ScannedTree> {
@@ -234,9 +239,10 @@ pub fn scan_with(root: &Path, mut on_chunk: impl FnMut(Vec<(ContentHash, Source)
 
     let mut hashed: Vec<(Entry, Option<Source>)> = Vec::with_capacity(found.len());
     let mut rest = found.into_iter().peekable();
+    let budget = std::sync::atomic::AtomicU64::new(KEEP_BUDGET);
     while rest.peek().is_some() {
         let chunk: Vec<_> = rest.by_ref().take(SCAN_CHUNK).collect();
-        let done = hash_all(chunk)?;
+        let done = hash_all(chunk, &budget)?;
         on_chunk(done.iter().filter_map(|(e, s)| Some((e.hash?, s.clone()?))).collect());
         hashed.extend(done);
     }
@@ -252,17 +258,31 @@ pub fn scan_with(root: &Path, mut on_chunk: impl FnMut(Vec<(ContentHash, Source)
     Ok(tree)
 }
 
-/// Hashes `found` on rayon's pool: each entry with where to read its content again.
-fn hash_all(found: Vec<Found>) -> anyhow::Result<Vec<(Entry, Option<Source>)>> {
+/// Hashes `found` on rayon's pool: each entry with where to read its content again (the bytes
+/// themselves for small files, while `budget` lasts).
+fn hash_all(found: Vec<Found>, budget: &std::sync::atomic::AtomicU64) -> anyhow::Result<Vec<(Entry, Option<Source>)>> {
+    use std::sync::atomic::Ordering;
+    let keep = |n: u64| budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(n)).is_ok();
     found
         .into_par_iter()
         .map(|f| -> anyhow::Result<(Entry, Option<Source>)> {
             let (hash, size, source) = match f.kind {
                 EntryKind::Dir => (None, 0, None),
                 EntryKind::File => {
-                    let (h, n) =
-                        hash::hash_file(&f.local).with_context(|| format!("cannot read {}", f.local.display()))?;
-                    (Some(h), n, Some(Source::File { path: f.local, size: n }))
+                    let read = || format!("cannot read {}", f.local.display());
+                    match hash::read_small(&f.local, KEEP_CONTENT).with_context(read)? {
+                        Some((h, data)) if keep(data.len() as u64) => {
+                            (Some(h), data.len() as u64, Some(Source::Inline(data)))
+                        }
+                        Some((h, data)) => {
+                            let size = data.len() as u64;
+                            (Some(h), size, Some(Source::File { path: f.local, size }))
+                        }
+                        None => {
+                            let (h, n) = hash::hash_file(&f.local).with_context(read)?;
+                            (Some(h), n, Some(Source::File { path: f.local, size: n }))
+                        }
+                    }
                 }
                 EntryKind::Symlink => {
                     let (h, text) =
@@ -283,6 +303,27 @@ mod tests {
 
     fn paths(t: &ScannedTree) -> Vec<&str> {
         t.entries.iter().map(|e| e.path.as_str()).collect()
+    }
+
+    #[test]
+    fn small_files_keep_the_bytes_they_were_hashed_from() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = tmp.path();
+        let big = vec![7u8; KEEP_CONTENT as usize + 1];
+        fs::write(r.join("small"), b"small content").unwrap();
+        fs::write(r.join("big"), &big).unwrap();
+        let mut chunks = Vec::new();
+        let t = scan_with(r, |c| chunks.extend(c)).unwrap();
+        let small = ContentHash::of(b"small content");
+        assert!(matches!(&t.sources[&small], Source::Inline(b) if b.as_ref() == b"small content"));
+        let big = ContentHash::of(&big);
+        assert!(matches!(&t.sources[&big], Source::File { size, .. } if *size == KEEP_CONTENT + 1));
+        // every content went to the chunk callback once
+        let mut seen: Vec<ContentHash> = chunks.iter().map(|(h, _)| *h).collect();
+        seen.sort();
+        let mut want = vec![small, big];
+        want.sort();
+        assert_eq!(seen, want);
     }
 
     #[test]

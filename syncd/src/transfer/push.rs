@@ -363,16 +363,17 @@ fn encode_batch(jobs: &[(ContentHash, Source)]) -> anyhow::Result<Vec<u8>> {
     let records: Vec<Vec<u8>> = jobs
         .par_iter()
         .map(|(h, source)| {
-            let content = match source {
-                Source::Inline(text) => text.to_vec(),
+            match source {
+                // the very bytes that were hashed
+                Source::Inline(content) => anyhow::Ok(blob::encode(content)),
                 Source::File { path, .. } => {
-                    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
+                    let content = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+                    if content.len() as u64 != source.size() || ContentHash::of(&content) != *h {
+                        return Err(PushError::ChangedWhilePushing { path: shown(source, h) }.into());
+                    }
+                    anyhow::Ok(blob::encode(&content))
                 }
-            };
-            if content.len() as u64 != source.size() || ContentHash::of(&content) != *h {
-                return Err(PushError::ChangedWhilePushing { path: shown(source, h) }.into());
             }
-            anyhow::Ok(blob::encode(&content))
         })
         .collect::<anyhow::Result<_>>()?;
     let mut w = BatchWriter::new();
