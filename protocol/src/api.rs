@@ -401,6 +401,12 @@ pub struct ByteRange {
     pub len: u64,
 }
 
+impl From<std::ops::Range<u64>> for ByteRange {
+    fn from(r: std::ops::Range<u64>) -> Self {
+        Self { start: r.start, len: r.end.saturating_sub(r.start) }
+    }
+}
+
 impl ByteRange {
     /// The HTTP `Range` header value asking for exactly these bytes (`len` is at least 1).
     pub fn header(&self) -> String {

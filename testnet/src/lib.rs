@@ -23,6 +23,19 @@ pub mod services;
 pub mod tree;
 
 pub use proxy::FaultProxy;
+
+/// Options of a Phase 2 pull in tests: its content cache at `cache` (default size), 16
+/// downloads at once, no progress bars, no forcing.
+pub fn hydrate_options(cache: &std::path::Path) -> podfs_syncd::HydrateOptions {
+    podfs_syncd::HydrateOptions {
+        cache_dir: cache.to_path_buf(),
+        cache_limit: podfs_syncd::cache::DEFAULT_LIMIT,
+        concurrency: 16,
+        progress: false,
+        force: false,
+        keep_local: false,
+    }
+}
 pub use s3::list_keys;
 pub use services::{
     S3Env, Services, StoreUrl, TestDb, database_url_with_addr, fresh_database, fresh_s3_prefix, store_url_with_endpoint,

@@ -20,14 +20,7 @@ const FULL: EdgeTree = EdgeTree { big_file_bytes: 50 << 20, small_files: 5000 };
 const SMALL: EdgeTree = EdgeTree { big_file_bytes: 3 << 20, small_files: 200 };
 
 fn opts(cache: &Path) -> HydrateOptions {
-    HydrateOptions {
-        cache_dir: cache.to_path_buf(),
-        cache_limit: podfs_syncd::cache::DEFAULT_LIMIT,
-        concurrency: 16,
-        progress: false,
-        force: false,
-        keep_local: false,
-    }
+    podfs_testnet::hydrate_options(cache)
 }
 
 async fn pull(client: &Client, ws: &str, v: u64, dir: &Path, cache: &Path) -> HydrateReport {

@@ -33,18 +33,6 @@ fn small_tree(root: &Path, n: usize, large: usize) -> usize {
     large
 }
 
-/// Phase 2 pulls with a fresh cache at `cache`.
-fn hydrate_opts(cache: &Path) -> podfs_syncd::HydrateOptions {
-    podfs_syncd::HydrateOptions {
-        cache_dir: cache.to_path_buf(),
-        cache_limit: podfs_syncd::cache::DEFAULT_LIMIT,
-        concurrency: 16,
-        progress: false,
-        force: false,
-        keep_local: false,
-    }
-}
-
 /// Pushes a 20,000-file tree, pulls it back both ways (Phase 1 through blob locations, Phase 2
 /// through the manifest) and checks single-file GETs of packed content.
 async fn round_trip_20k(gw: &TestGateway) -> usize {
@@ -59,9 +47,15 @@ async fn round_trip_20k(gw: &TestGateway) -> usize {
     pull(&client, "p", VersionRef::Head, &out, PullOptions::default()).await.expect("pull");
     assert_same_tree(&src, &out);
     let hydrated = tmp.path().join("hydrated");
-    podfs_syncd::hydrate(&client, "p", VersionRef::Head, &hydrated, hydrate_opts(&tmp.path().join("cache")))
-        .await
-        .expect("manifest pull");
+    podfs_syncd::hydrate(
+        &client,
+        "p",
+        VersionRef::Head,
+        &hydrated,
+        podfs_testnet::hydrate_options(&tmp.path().join("cache")),
+    )
+    .await
+    .expect("manifest pull");
     assert_same_tree(&src, &hydrated);
     for name in ["d07/f12307.js", "d00/f0.js", "large1.bin"] {
         let f = client.get_file("p", VersionRef::Head, &WsPath::new(name).expect("path")).await.expect("get file");
@@ -197,7 +191,7 @@ async fn a_batch_refuses_bad_records_alone() {
 /// serves packed blobs itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packed_locations_sign_exactly_their_range() {
-    let (gw, db, store) = TestGateway::on_fresh_services().await;
+    let (gw, db, _store) = TestGateway::on_fresh_services().await;
     let client = gw.client();
     client.create_workspace("r").await.expect("create");
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -262,7 +256,6 @@ async fn packed_locations_sign_exactly_their_range() {
     let content = client.fetch_blob(&loc, 1 << 20).await.expect("fetch through the gateway");
     assert_eq!(ContentHash::of(&content), middle);
     tmp_gw.stop().await.expect("stop");
-    let _ = store;
     db.cleanup().await;
 }
 
@@ -301,7 +294,7 @@ async fn loose_small_blobs_and_packs_serve_every_version() {
         pull(&client, "m", VersionRef::Number(v), &out, PullOptions::default()).await.expect("pull");
         assert_same_tree(dir, &out);
         let hydrated = tmp.path().join(format!("hydrated{v}"));
-        let opts = hydrate_opts(&tmp.path().join(format!("cache{v}")));
+        let opts = podfs_testnet::hydrate_options(&tmp.path().join(format!("cache{v}")));
         podfs_syncd::hydrate(&client, "m", VersionRef::Number(v), &hydrated, opts).await.expect("hydrate");
         assert_same_tree(dir, &hydrated);
     }

@@ -25,6 +25,13 @@ pub struct BlobRow {
     pub pack: Option<(ContentHash, u64)>,
 }
 
+impl BlobRow {
+    /// For a packed blob: its pack and the bytes of the pack it takes.
+    pub fn pack_range(&self) -> Option<(ContentHash, std::ops::Range<u64>)> {
+        self.pack.map(|(pack, offset)| (pack, offset..offset + self.stored_size))
+    }
+}
+
 /// A pack the blob store holds, to record with its blobs.
 #[derive(Debug, Clone)]
 pub struct NewPack {

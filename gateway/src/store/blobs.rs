@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -156,10 +157,6 @@ impl BlobService {
 
     pub fn presign_ttl(&self) -> Duration {
         self.opts.presign_ttl
-    }
-
-    pub fn pack_blob_limit(&self) -> u64 {
-        self.opts.pack_blob_limit
     }
 
     /// Receives content claimed to hash to `hash`, verifies it, stores it and records it.
@@ -318,9 +315,9 @@ impl BlobService {
 
     /// The stored bytes of a blob as its row places them: its own object or a pack range.
     async fn open_stored(&self, hash: &ContentHash, row: Option<&BlobRow>) -> Result<ByteStream, StoreError> {
-        match row.and_then(|r| r.pack.map(|p| (p, r.stored_size))) {
-            Some(((pack, offset), len)) => self.backend.get_range(&pack_key(&pack), offset..offset + len).await,
-            None => self.backend.get(&key(hash)).await,
+        match stored_at(hash, row) {
+            (key, Some(range)) => self.backend.get_range(&key, range).await,
+            (key, None) => self.backend.get(&key).await,
         }
     }
 
@@ -378,8 +375,8 @@ impl BlobService {
             let mut loose = Vec::new();
             let mut packed: HashMap<ContentHash, Vec<(u64, u64, ContentHash)>> = HashMap::new();
             for h in blobs {
-                match rows.get(&h).and_then(|r| r.pack.map(|p| (p, r.stored_size))) {
-                    Some(((pack, offset), len)) => packed.entry(pack).or_default().push((offset, len, h)),
+                match rows.get(&h).and_then(BlobRow::pack_range) {
+                    Some((pack, r)) => packed.entry(pack).or_default().push((r.start, r.end - r.start, h)),
                     None => loose.push(h),
                 }
             }
@@ -489,26 +486,26 @@ impl BlobService {
         let mut seen = HashSet::new();
         let mut out = Vec::with_capacity(hashes.len());
         for h in hashes.iter().filter(|h| seen.insert(**h)) {
-            let (key, range) = match rows.get(h).and_then(|r| r.pack.map(|p| (p, r.stored_size))) {
-                Some(((pack, offset), len)) => (pack_key(&pack), Some(offset..offset + len)),
-                None => (key(h), None),
-            };
+            let (key, range) = stored_at(h, rows.get(h));
             let presigned = if range.is_some() && !self.opts.presign_ranges {
                 None
             } else {
                 self.backend.presign_get(&key, range.clone(), self.opts.presign_ttl).await?
             };
             out.push(match presigned {
-                Some(url) => BlobLocation {
-                    hash: *h,
-                    url,
-                    gateway: false,
-                    range: range.map(|r| ByteRange { start: r.start, len: r.end - r.start }),
-                },
+                Some(url) => BlobLocation { hash: *h, url, gateway: false, range: range.map(ByteRange::from) },
                 None => BlobLocation { hash: *h, url: gateway_path(h), gateway: true, range: None },
             });
         }
         Ok(out)
+    }
+}
+
+/// The object holding the stored bytes of `hash` and, for a packed blob, their range in it.
+fn stored_at(hash: &ContentHash, row: Option<&BlobRow>) -> (String, Option<Range<u64>>) {
+    match row.and_then(BlobRow::pack_range) {
+        Some((pack, range)) => (pack_key(&pack), Some(range)),
+        None => (key(hash), None),
     }
 }
 
@@ -648,4 +645,25 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Error> {
     tokio::task::spawn_blocking(f).await.map_err(|source| Error::Task { what: what.to_string(), source })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_ranges;
+
+    fn names(groups: &[Vec<(u64, u64, char)>]) -> Vec<String> {
+        groups.iter().map(|g| g.iter().map(|s| s.2).collect()).collect()
+    }
+
+    #[test]
+    fn nearby_ranges_merge_far_or_long_ones_do_not() {
+        let spans = [(0, 10, 'a'), (10, 10, 'b'), (100, 10, 'c'), (2000, 10, 'd'), (2010, 500, 'e')];
+        // gaps of 0 and 80 bytes merge; 1,890 does not
+        assert_eq!(names(&merge_ranges(&spans, 100, 1000)), ["abc", "de"]);
+        // d + e would be 510 bytes, over a 300-byte cap
+        assert_eq!(names(&merge_ranges(&spans, 100, 300)), ["abc", "d", "e"]);
+        // no gap allowed: only adjacent spans merge
+        assert_eq!(names(&merge_ranges(&spans, 0, 1000)), ["ab", "c", "de"]);
+        assert!(merge_ranges::<char>(&[], 100, 1000).is_empty());
+    }
 }

@@ -111,11 +111,6 @@ pub async fn from_url(url: &str, s3_opts: &s3::S3Options) -> anyhow::Result<std:
     anyhow::bail!("blob store {url:?}: expected file:///dir or s3://bucket/prefix")
 }
 
-/// The HTTP `Range` header value for `range` (end exclusive, at least one byte).
-pub fn range_header(range: &Range<u64>) -> String {
-    format!("bytes={}-{}", range.start, range.end.max(range.start + 1) - 1)
-}
-
 /// The kind of object a key names, for metrics: `blob`, `pack`, `manifest` or `other`.
 pub fn kind_of(key: &str) -> &'static str {
     match key.split('/').next() {

@@ -20,6 +20,7 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream as SdkStream;
 use bytes::Bytes;
+use podfs_protocol::api::ByteRange;
 use tokio_util::io::ReaderStream;
 
 use super::{BlobBackend, ByteStream, StoreError};
@@ -244,7 +245,7 @@ impl BlobBackend for S3Backend {
             .get_object()
             .bucket(&self.bucket)
             .key(&k)
-            .range(super::range_header(&range))
+            .range(ByteRange::from(range).header())
             .send()
             .await
             .map_err(|e| classify(&k, e))?;
@@ -298,7 +299,7 @@ impl BlobBackend for S3Backend {
         let mut get = self.client.get_object().bucket(&self.bucket).key(&k);
         if let Some(r) = &range {
             // a header of the request, so part of the signature (X-Amz-SignedHeaders)
-            get = get.range(super::range_header(r));
+            get = get.range(ByteRange::from(r.clone()).header());
         }
         let req = get.presigned(cfg).await.map_err(|e| classify(&k, e))?;
         if range.is_some() && !req.headers().any(|(name, _)| name.eq_ignore_ascii_case("range")) {

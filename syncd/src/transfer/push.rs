@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
 use podfs_client::{Client, Error as ClientError};
 use podfs_protocol::api::{CommitRequest, ErrorCode};
 use podfs_protocol::blob;
@@ -178,9 +177,7 @@ pub(crate) async fn remote_tree(client: &Client, ws: &str, head: u64) -> anyhow:
     Ok(entries)
 }
 
-/// Uploads the `missing` blobs; returns how many and their content bytes. Content up to
-/// [`BATCH_BLOB_LIMIT`] goes in batches ([`upload_batch`]), larger content one PUT each; both
-/// run at once.
+/// Uploads the `missing` blobs; returns how many and their content bytes.
 pub(crate) async fn upload(
     client: &Client,
     ws: &str,
@@ -188,47 +185,19 @@ pub(crate) async fn upload(
     missing: &[ContentHash],
     opts: &PushOptions,
 ) -> anyhow::Result<(u64, u64)> {
-    let mut small = Vec::new();
-    let mut large = Vec::new();
+    let bar = progress::bytes_bar(opts.progress, 0, "uploading");
+    let mut up = Uploader::new(client, ws, opts, &bar);
     for h in missing {
         let source =
             sources.get(h).with_context(|| format!("the gateway asked for blob {h}, which this push does not hold"))?;
-        if source.size() <= BATCH_BLOB_LIMIT { small.push((*h, source)) } else { large.push((*h, source)) }
+        up.add(*h, source.clone())?;
     }
-    let total: u64 = small.iter().chain(&large).map(|(_, s)| s.size()).sum();
-    let n = (small.len() + large.len()) as u64;
-    let bar = progress::bytes_bar(opts.progress, total, "uploading");
-    let batches = futures::stream::iter(batches(small))
-        .map(|batch| {
-            let bar = bar.clone();
-            async move {
-                let bytes: u64 = batch.iter().map(|(_, s)| s.size()).sum();
-                let batch = batch.into_iter().map(|(h, s)| (h, s.clone())).collect();
-                upload_batch(client, ws, batch).await?;
-                bar.inc(bytes);
-                anyhow::Ok(())
-            }
-        })
-        .buffer_unordered(BATCH_CONCURRENCY)
-        .try_collect::<()>();
-    let singles = futures::stream::iter(large)
-        .map(|(h, source)| {
-            let bar = bar.clone();
-            async move {
-                upload_one(client, ws, h, source).await?;
-                bar.inc(source.size());
-                anyhow::Ok(())
-            }
-        })
-        .buffer_unordered(opts.concurrency.max(1))
-        .try_collect::<()>();
-    futures::try_join!(batches, singles)?;
+    let done = up.finish().await?;
     bar.finish_and_clear();
-    Ok((n, total))
+    Ok(done)
 }
 
-/// Uploads what the gateway lacks of each chunk of `chunks` as it arrives (each content once):
-/// small content gathered into batches, larger content one PUT each, both some at a time.
+/// Uploads what the gateway lacks of each chunk of `chunks` as it arrives (each content once).
 /// Returns how many blobs and content bytes were uploaded.
 async fn upload_as_scanned(
     client: &Client,
@@ -237,57 +206,17 @@ async fn upload_as_scanned(
     opts: &PushOptions,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<(u64, u64)> {
-    let batches = Arc::new(Semaphore::new(BATCH_CONCURRENCY));
-    let singles = Arc::new(Semaphore::new(opts.concurrency.max(1)));
-    let mut running: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    let mut up = Uploader::new(client, ws, opts, bar);
     let mut seen = HashSet::new();
-    let mut pending: Vec<(ContentHash, Source)> = Vec::new();
-    let mut pending_bytes = 0;
-    let (mut n, mut total) = (0u64, 0u64);
-    let spawn = |running: &mut JoinSet<_>, permits: &Arc<Semaphore>, job: Job| {
-        let (client, ws, bar, permits) = (client.clone(), ws.to_string(), bar.clone(), Arc::clone(permits));
-        running.spawn(async move {
-            let _permit = permits.acquire_owned().await?;
-            let bytes = job.bytes();
-            match job {
-                Job::Batch(batch) => upload_batch(&client, &ws, batch).await?,
-                Job::Single(h, source) => upload_one(&client, &ws, h, &source).await?,
-            }
-            bar.inc(bytes);
-            anyhow::Ok(())
-        });
-    };
     while let Some(chunk) = chunks.recv().await {
         let fresh: Vec<(ContentHash, Source)> = chunk.into_iter().filter(|(h, _)| seen.insert(*h)).collect();
         let hashes: Vec<ContentHash> = fresh.iter().map(|(h, _)| *h).collect();
         let missing = missing_set(client, ws, &hashes).await?;
         for (h, source) in fresh.into_iter().filter(|(h, _)| missing.contains(h)) {
-            let size = source.size();
-            (n, total) = (n + 1, total + size);
-            bar.inc_length(size);
-            if size > BATCH_BLOB_LIMIT {
-                spawn(&mut running, &singles, Job::Single(h, source));
-                continue;
-            }
-            if pending.len() >= BATCH_BLOBS || pending_bytes + size > BATCH_CONTENT {
-                spawn(&mut running, &batches, Job::Batch(std::mem::take(&mut pending)));
-                pending_bytes = 0;
-            }
-            pending.push((h, source));
-            pending_bytes += size;
-        }
-        // a failed upload stops the push early
-        while let Some(done) = running.try_join_next() {
-            done.context("upload task failed")??;
+            up.add(h, source)?;
         }
     }
-    if !pending.is_empty() {
-        spawn(&mut running, &batches, Job::Batch(pending));
-    }
-    while let Some(done) = running.join_next().await {
-        done.context("upload task failed")??;
-    }
-    Ok((n, total))
+    up.finish().await
 }
 
 /// The hashes of `hashes` the gateway lacks.
@@ -300,7 +229,93 @@ pub(crate) async fn missing_set(
     Ok(missing.into_iter().collect())
 }
 
-/// One upload of [`upload_as_scanned`].
+/// Uploads started as blobs are added: content up to [`BATCH_BLOB_LIMIT`] gathered into
+/// batches of at most [`BATCH_CONTENT`] bytes and [`BATCH_BLOBS`] blobs ([`upload_batch`],
+/// [`BATCH_CONCURRENCY`] at once), larger content one PUT each (the push's concurrency).
+struct Uploader {
+    client: Client,
+    ws: String,
+    bar: indicatif::ProgressBar,
+    batches: Arc<Semaphore>,
+    singles: Arc<Semaphore>,
+    running: JoinSet<anyhow::Result<()>>,
+    pending: Vec<(ContentHash, Source)>,
+    pending_bytes: u64,
+    /// Blobs and content bytes added.
+    added: (u64, u64),
+}
+
+impl Uploader {
+    fn new(client: &Client, ws: &str, opts: &PushOptions, bar: &indicatif::ProgressBar) -> Self {
+        Self {
+            client: client.clone(),
+            ws: ws.to_string(),
+            bar: bar.clone(),
+            batches: Arc::new(Semaphore::new(BATCH_CONCURRENCY)),
+            singles: Arc::new(Semaphore::new(opts.concurrency.max(1))),
+            running: JoinSet::new(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            added: (0, 0),
+        }
+    }
+
+    /// Schedules the upload of `source` (named `hash`); fails early with the error of an
+    /// upload that already failed.
+    fn add(&mut self, hash: ContentHash, source: Source) -> anyhow::Result<()> {
+        let size = source.size();
+        self.added = (self.added.0 + 1, self.added.1 + size);
+        self.bar.inc_length(size);
+        if size > BATCH_BLOB_LIMIT {
+            self.spawn(Job::Single(hash, source));
+        } else {
+            if self.pending.len() >= BATCH_BLOBS || self.pending_bytes + size > BATCH_CONTENT {
+                let full = Job::Batch(std::mem::take(&mut self.pending));
+                self.spawn(full);
+                self.pending_bytes = 0;
+            }
+            self.pending.push((hash, source));
+            self.pending_bytes += size;
+        }
+        while let Some(done) = self.running.try_join_next() {
+            done.context("upload task failed")??;
+        }
+        Ok(())
+    }
+
+    fn spawn(&mut self, job: Job) {
+        let permits = Arc::clone(match job {
+            Job::Batch(_) => &self.batches,
+            Job::Single(..) => &self.singles,
+        });
+        let (client, ws, bar) = (self.client.clone(), self.ws.clone(), self.bar.clone());
+        self.running.spawn(async move {
+            let _permit = permits.acquire_owned().await?;
+            let bytes = job.bytes();
+            match job {
+                Job::Batch(batch) => upload_batch(&client, &ws, batch).await?,
+                Job::Single(h, source) => upload_one(&client, &ws, h, &source).await?,
+            }
+            bar.inc(bytes);
+            anyhow::Ok(())
+        });
+    }
+
+    /// Sends the last batch and waits for every upload; returns blobs and content bytes. The
+    /// first failure is the answer (the other uploads are dropped with the set).
+    async fn finish(mut self) -> anyhow::Result<(u64, u64)> {
+        if !self.pending.is_empty() {
+            let last = Job::Batch(std::mem::take(&mut self.pending));
+            self.spawn(last);
+        }
+        while let Some(done) = self.running.join_next().await {
+            done.context("upload task failed")??;
+        }
+        Ok(self.added)
+    }
+}
+
+/// One upload of an [`Uploader`].
 enum Job {
     Batch(Vec<(ContentHash, Source)>),
     Single(ContentHash, Source),
@@ -315,29 +330,10 @@ impl Job {
     }
 }
 
-/// `jobs` cut into batches of at most [`BATCH_CONTENT`] content bytes and [`BATCH_BLOBS`] blobs.
-fn batches(jobs: Vec<(ContentHash, &Source)>) -> Vec<Vec<(ContentHash, &Source)>> {
-    let mut out: Vec<Vec<(ContentHash, &Source)>> = Vec::new();
-    let mut bytes = 0;
-    for job in jobs {
-        let size = job.1.size();
-        match out.last_mut() {
-            Some(b) if b.len() < BATCH_BLOBS && bytes + size <= BATCH_CONTENT => {
-                b.push(job);
-                bytes += size;
-            }
-            _ => {
-                out.push(vec![job]);
-                bytes = size;
-            }
-        }
-    }
-    out
-}
-
-/// One batch: every file re-read and checked against its hash (a file that changed since it
-/// was hashed stops the push, as with single uploads), encoded here in the stored format
-/// (zstd where it pays, on all cores) so the gateway only verifies, then sent in one request.
+/// One batch: every blob the scan did not keep in memory re-read and checked against its hash
+/// (a file that changed since it was hashed stops the push, as with single uploads), encoded
+/// here in the stored format (zstd where it pays, on all cores) so the gateway only verifies,
+/// then sent in one request.
 /// Records the gateway refuses for size (its pack limit is lower) are sent alone instead.
 async fn upload_batch(client: &Client, ws: &str, batch: Vec<(ContentHash, Source)>) -> anyhow::Result<()> {
     let (body, batch) = tokio::task::spawn_blocking(move || encode_batch(&batch).map(|body| (body, batch)))
