@@ -422,7 +422,8 @@ pub struct BatchUploaded {
     pub records: u64,
     /// Blobs this batch stored and recorded.
     pub stored: u64,
-    /// Records already held by the gateway (not stored again).
+    /// Records already held by the gateway, or repeating an earlier record of this batch (not
+    /// stored again). `stored + duplicates + refused` is `records`.
     pub duplicates: u64,
     /// Packs written to the blob store.
     pub packs: u64,

@@ -134,8 +134,11 @@ async fn a_batch_refuses_bad_records_alone() {
     let garbage = ContentHash::of(b"garbage");
     records.push((garbage, b"not a stored blob at all".to_vec()));
 
-    // a wrong content type and a truncated body store nothing
-    let body = batch(&records);
+    // a wrong content type and a truncated body store nothing; the first good record comes
+    // twice (a duplicate, stored once)
+    let mut sent = records.clone();
+    sent.push(good[0].clone());
+    let body = batch(&sent);
     let r = post_batch(&gw, "application/octet-stream", body.clone()).await;
     assert_eq!(r.status(), 415);
     let r = post_batch(&gw, BATCH_CONTENT_TYPE, body[..body.len() - 3].to_vec()).await;
@@ -148,7 +151,7 @@ async fn a_batch_refuses_bad_records_alone() {
     let r = post_batch(&gw, BATCH_CONTENT_TYPE, body).await;
     assert_eq!(r.status(), 200);
     let answer: podfs_protocol::api::BatchUploaded = r.json().await.expect("answer");
-    assert_eq!((answer.records, answer.stored, answer.duplicates, answer.packs), (8, 5, 0, 1), "{answer:?}");
+    assert_eq!((answer.records, answer.stored, answer.duplicates, answer.packs), (9, 5, 1, 1), "{answer:?}");
     let refused: Vec<(ContentHash, ErrorCode)> = answer.refused.iter().map(|r| (r.hash, r.code)).collect();
     assert_eq!(
         refused,

@@ -252,13 +252,14 @@ impl BlobService {
     /// pack is durable in the blob store and recorded.
     pub async fn ingest_batch(&self, body: Bytes) -> Result<BatchUploaded, Error> {
         let limit = self.opts.pack_blob_limit;
-        let (accepted, refused, records) = blocking("verifying a batch", move || {
+        let (accepted, refused, repeats, records) = blocking("verifying a batch", move || {
             let records =
                 pack::read_batch(&body, blob::max_stored_len(limit)).map_err(|e| Error::BadRequest(e.to_string()))?;
             let n = records.len() as u64;
             let mut accepted = Vec::with_capacity(records.len());
             let mut refused = Vec::new();
             let mut seen = HashSet::with_capacity(records.len());
+            let mut repeats = 0;
             for r in &records {
                 match pack::verify_record(r, limit) {
                     Ok(size) if seen.insert(r.hash) => {
@@ -266,11 +267,12 @@ impl BlobService {
                         let start = r.stored.as_ptr() as usize - body.as_ptr() as usize;
                         accepted.push((r.hash, size, body.slice(start..start + r.stored.len())));
                     }
-                    Ok(_) => {}
+                    // the same content again in this batch: stored once, a duplicate
+                    Ok(_) => repeats += 1,
                     Err(e) => refused.push(refusal(r.hash, e)),
                 }
             }
-            Ok((accepted, refused, n))
+            Ok((accepted, refused, repeats, n))
         })
         .await?;
         metrics::histogram!("podfs_batch_blobs").record(records as f64);
@@ -279,7 +281,7 @@ impl BlobService {
         }
         let hashes: Vec<ContentHash> = accepted.iter().map(|(h, _, _)| *h).collect();
         let missing: HashSet<ContentHash> = self.meta.missing_blobs(&hashes).await?.into_iter().collect();
-        let duplicates = (accepted.len() - missing.len()) as u64;
+        let duplicates = (accepted.len() - missing.len()) as u64 + repeats;
         metrics::counter!("podfs_blob_dedup_hits_total").increment(duplicates);
         let fresh: Vec<(ContentHash, u64, Bytes)> =
             accepted.into_iter().filter(|(h, _, _)| missing.contains(h)).collect();
