@@ -62,7 +62,7 @@ pub struct Args {
     /// Files up to this many bytes travel inside manifest.sqlite [default: 128 KiB]
     #[arg(long, env = "PODFS_MANIFEST_SMALL_FILE_LIMIT")]
     pub manifest_small_file_limit: Option<u64>,
-    /// Content up to this many bytes is stored in packs, several blobs to an S3 object [default: 128 KiB]
+    /// Content up to this many bytes is stored in packs, several blobs to an S3 object [default: 1 MiB]
     #[arg(long, env = "PODFS_PACK_BLOB_LIMIT")]
     pub pack_blob_limit: Option<u64>,
     /// Hand out presigned URLs for ranges of packs (the S3 signature covers the Range header);

@@ -147,6 +147,83 @@ fn with_database(admin: &str, name: &str) -> String {
 // Connection-level tests (they need the URL, not only a store)
 
 #[tokio::test]
+async fn sqlite_0004_turns_span_rows_into_span_lists() {
+    with_sqlite_url(|url| {
+        span_rows_become_span_lists(format!("{url}?mode=rwc"), sqlx::migrate!("../migrations/sqlite"))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pg_0004_turns_span_rows_into_span_lists() {
+    with_postgres_url(|url| span_rows_become_span_lists(url, sqlx::migrate!("../migrations/postgres"))).await;
+}
+
+/// A store written before migration 0004 (one `pack_spans` row per span, offsets over 2^32
+/// included) keeps every pack's spans, in offset order, and every blob's location once 0004
+/// turns the rows into span lists.
+async fn span_rows_become_span_lists(url: String, migrator: sqlx::migrate::Migrator) {
+    use podfs_protocol::pack::Span;
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    migrator.run_to(3, &pool).await.unwrap();
+    let (pack_a, pack_b) = (h("pack a"), h("pack b"));
+    let span = |content: &str, offset: u64, len: u64| Span { hash: h(content), offset, len };
+    let a = vec![span("x", 0, 40), span("y", 40, 90), span("x", 130, 40), span("z", (5 << 32) + 7, 300)];
+    for (pack, spans) in [(pack_a, &a[..]), (pack_b, &[][..])] {
+        sqlx::query("INSERT INTO packs (hash, size, blobs, created_at) VALUES ($1, $2, $3, 0)")
+            .bind(pack.0.to_vec())
+            .bind(1_i64 << 40)
+            .bind(spans.len() as i64)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    // inserted out of order: the list comes out by offset
+    for s in a.iter().rev() {
+        sqlx::query("INSERT INTO pack_spans (pack, pack_offset, length, hash) VALUES ($1, $2, $3, $4)")
+            .bind(pack_a.0.to_vec())
+            .bind(s.offset as i64)
+            .bind(s.len as i64)
+            .bind(s.hash.0.to_vec())
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    for s in &a[..2] {
+        sqlx::query(
+            "INSERT INTO blobs (hash, size, stored_size, created_at, pack, pack_offset) VALUES ($1, 1, $2, 0, $3, $4)",
+        )
+        .bind(s.hash.0.to_vec())
+        .bind(s.len as i64)
+        .bind(pack_a.0.to_vec())
+        .bind(s.offset as i64)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query("INSERT INTO blobs (hash, size, stored_size, created_at) VALUES ($1, 1, 50, 0)")
+        .bind(h("loose").0.to_vec())
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+
+    let store = MetaStore::connect(&url).await.unwrap();
+    assert_eq!(store.pack_spans(&pack_a).await.unwrap(), Some(a.clone()));
+    assert_eq!(store.pack_spans(&pack_b).await.unwrap(), Some(vec![]));
+    assert_eq!(store.pack_spans(&h("no such pack")).await.unwrap(), None);
+    let rows = store.blob_rows(&[h("x"), h("y"), h("loose")]).await.unwrap();
+    assert_eq!(rows[&h("x")].pack, Some((pack_a, 0)));
+    assert_eq!(rows[&h("y")].pack, Some((pack_a, 40)));
+    assert_eq!((rows[&h("loose")].pack, rows[&h("loose")].stored_size), (None, 50));
+    // and new packs record their lists
+    let spans = vec![(span("w", 0, 60), 10)];
+    assert_eq!(store.record_pack(&NewPack { hash: h("pack c"), size: 200, spans }).await.unwrap(), 1);
+    assert_eq!(store.pack_spans(&h("pack c")).await.unwrap(), Some(vec![span("w", 0, 60)]));
+}
+
+#[tokio::test]
 async fn sqlite_reopen_keeps_data() {
     with_sqlite_url(reopen_keeps_data).await;
 }

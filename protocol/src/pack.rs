@@ -23,8 +23,10 @@ pub const PACK_VERSION: u8 = 1;
 pub const ENTRY_LEN: usize = 48;
 /// Bytes of the footer: magic, version, reserved, entry count, BLAKE3 of the trailer.
 pub const FOOTER_LEN: usize = 48;
-/// Content up to this size travels in batches and lives in packs (by default).
-pub const DEFAULT_PACK_BLOB_LIMIT: u64 = 128 << 10;
+/// Content up to this size travels in batches and lives in packs (by default). Above the
+/// manifest's small-file limit (128 KiB): files between the two are few, but each would cost an
+/// S3 PUT of its own (measured on Garage: about 3 ms of its CPU per object).
+pub const DEFAULT_PACK_BLOB_LIMIT: u64 = 1 << 20;
 /// A pack is closed once adding the next blob would take it past this size.
 pub const PACK_TARGET: u64 = 16 << 20;
 
@@ -61,6 +63,8 @@ pub enum PackError {
     TrailerHash,
     #[error("pack trailer entry {0} is out of bounds or overlaps another")]
     BadEntry(usize),
+    #[error("a span list of {0} bytes is not a whole number of 48-byte entries")]
+    SpanList(usize),
     #[error("batch: {0}")]
     Batch(String),
 }
@@ -111,11 +115,7 @@ impl PackWriter {
     pub fn finish(self) -> Pack {
         let Self { mut buf, spans } = self;
         let trailer_start = buf.len();
-        for s in &spans {
-            buf.extend_from_slice(&s.hash.0);
-            buf.extend_from_slice(&s.offset.to_le_bytes());
-            buf.extend_from_slice(&s.len.to_le_bytes());
-        }
+        buf.extend_from_slice(&encode_spans(&spans));
         let trailer_hash = blake3::hash(&buf[trailer_start..]);
         buf.extend_from_slice(PACK_MAGIC);
         buf.extend_from_slice(&[PACK_VERSION, 0, 0, 0]);
@@ -124,6 +124,33 @@ impl PackWriter {
         let hash = ContentHash::of(&buf);
         Pack { bytes: buf, hash, spans }
     }
+}
+
+/// The trailer entries of `spans` in their order: 48 bytes each (hash, offset u64 LE, stored
+/// length u64 LE). Also the span list the database keeps with each pack.
+pub fn encode_spans(spans: &[Span]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(spans.len() * ENTRY_LEN);
+    for s in spans {
+        out.extend_from_slice(&s.hash.0);
+        out.extend_from_slice(&s.offset.to_le_bytes());
+        out.extend_from_slice(&s.len.to_le_bytes());
+    }
+    out
+}
+
+/// The spans of trailer entries (see [`encode_spans`]), unchecked against any pack.
+pub fn decode_spans(entries: &[u8]) -> Result<Vec<Span>, PackError> {
+    if !entries.len().is_multiple_of(ENTRY_LEN) {
+        return Err(PackError::SpanList(entries.len()));
+    }
+    Ok(entries
+        .chunks_exact(ENTRY_LEN)
+        .map(|e| Span {
+            hash: ContentHash::from_slice(&e[..32]).unwrap_or(ContentHash([0; 32])),
+            offset: u64_at(e, 32),
+            len: u64_at(e, 40),
+        })
+        .collect())
 }
 
 /// The number of trailer entries a footer announces, after checking it is a pack footer.
@@ -151,14 +178,7 @@ pub fn read_spans(pack: &[u8]) -> Result<Vec<Span>, PackError> {
     if blake3::hash(trailer).as_bytes() != &footer[16..48] {
         return Err(PackError::TrailerHash);
     }
-    let mut spans: Vec<Span> = trailer
-        .chunks_exact(ENTRY_LEN)
-        .map(|e| Span {
-            hash: ContentHash::from_slice(&e[..32]).unwrap_or(ContentHash([0; 32])),
-            offset: u64_at(e, 32),
-            len: u64_at(e, 40),
-        })
-        .collect();
+    let mut spans = decode_spans(trailer)?;
     let mut order: Vec<usize> = (0..spans.len()).collect();
     order.sort_by_key(|&i| spans[i].offset);
     let mut end = 0u64;
@@ -310,6 +330,10 @@ mod tests {
         let pack = w.finish();
         assert_eq!(pack.hash, ContentHash::of(&pack.bytes));
         assert_eq!(read_spans(&pack.bytes).unwrap(), pack.spans);
+        let list = encode_spans(&pack.spans);
+        assert_eq!(list.len(), 100 * ENTRY_LEN);
+        assert_eq!(decode_spans(&list).unwrap(), pack.spans);
+        assert_eq!(decode_spans(&list[1..]), Err(PackError::SpanList(list.len() - 1)));
         for (s, (h, stored)) in pack.spans.iter().zip(blobs(100)) {
             assert_eq!(s.hash, h);
             assert_eq!(&pack.bytes[s.offset as usize..(s.offset + s.len) as usize], &stored[..]);

@@ -15,8 +15,10 @@ use podfs_syncd::{PullOptions, PushOptions, pull, push};
 use podfs_testnet::gateway::{ADMIN_TOKEN, TestGateway};
 use podfs_testnet::tree::assert_same_tree;
 
-/// `n` small files (0 to 6 KiB, some content repeated) in 100 directories, plus `large`
-/// files of 200 KiB (over the pack limit). Returns the distinct large contents.
+/// `n` small files (0 to 6 KiB, some content repeated) in 100 directories, two medium files
+/// of 300 KiB (over the manifest's small-file limit, under the pack limit: packed, fetched by
+/// range), plus `large` files of 1.5 MiB (over the pack limit: their own objects). Returns the
+/// distinct large contents.
 fn small_tree(root: &Path, n: usize, large: usize) -> usize {
     for i in 0..n {
         let dir = root.join(format!("d{:02}", i % 100));
@@ -26,9 +28,13 @@ fn small_tree(root: &Path, n: usize, large: usize) -> usize {
         let body = format!("module {seed} {{ value: {} }}\n", seed * 7919).repeat(seed % 97);
         std::fs::write(dir.join(format!("f{i}.js")), body).expect("write");
     }
+    let pattern =
+        |len: u32, i: usize| -> Vec<u8> { (0..len).map(|j| ((j as usize * 31 + i * 7) % 251) as u8).collect() };
+    for i in 0..2 {
+        std::fs::write(root.join(format!("medium{i}.bin")), pattern(300 << 10, 1000 + i)).expect("write");
+    }
     for i in 0..large {
-        let bytes: Vec<u8> = (0..200u32 << 10).map(|j| ((j as usize * 31 + i * 7) % 251) as u8).collect();
-        std::fs::write(root.join(format!("large{i}.bin")), bytes).expect("write");
+        std::fs::write(root.join(format!("large{i}.bin")), pattern(3 << 19, i)).expect("write");
     }
     large
 }
@@ -42,7 +48,7 @@ async fn round_trip_20k(gw: &TestGateway) -> usize {
     let src = tmp.path().join("src");
     let large = small_tree(&src, 20_000, 3);
     let r = push(&client, "p", &src, PushOptions::default()).await.expect("push");
-    assert_eq!(r.files, 20_003);
+    assert_eq!(r.files, 20_005);
     let out = tmp.path().join("out");
     pull(&client, "p", VersionRef::Head, &out, PullOptions::default()).await.expect("pull");
     assert_same_tree(&src, &out);
@@ -57,7 +63,7 @@ async fn round_trip_20k(gw: &TestGateway) -> usize {
     .await
     .expect("manifest pull");
     assert_same_tree(&src, &hydrated);
-    for name in ["d07/f12307.js", "d00/f0.js", "large1.bin"] {
+    for name in ["d07/f12307.js", "d00/f0.js", "medium1.bin", "large1.bin"] {
         let f = client.get_file("p", VersionRef::Head, &WsPath::new(name).expect("path")).await.expect("get file");
         let bytes = f.bytes().await.expect("body");
         assert_eq!(bytes.as_ref(), std::fs::read(src.join(name)).expect("read").as_slice(), "{name}");
@@ -127,7 +133,7 @@ async fn a_batch_refuses_bad_records_alone() {
         })
         .collect();
     let torn = ContentHash::of(b"what the file held when it was hashed");
-    let big = vec![1u8; 200 << 10];
+    let big = vec![1u8; podfs_protocol::pack::DEFAULT_PACK_BLOB_LIMIT as usize + 1];
     let mut records = good.clone();
     records.insert(2, (torn, blob::encode(b"what the file holds now")));
     records.push((ContentHash::of(&big), blob::encode(&big)));

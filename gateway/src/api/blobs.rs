@@ -81,7 +81,7 @@ pub async fn upload(
 /// `application/vnd.podfs.batch`) is the header `PFSU 01 00 00 00` then records of
 /// `hash (32 bytes) | stored length (u32 LE) | stored blob` (`docs/pack-format.md`); each
 /// stored blob is raw or zstd as the client chose. Each record is verified alone: one that does
-/// not decode to its name, or holds content over the pack limit (128 KiB by default), is
+/// not decode to its name, or holds content over the pack limit (1 MiB by default), is
 /// refused in `refused` and never stored; the others are. The answer comes once every pack is
 /// durable in the blob store and recorded.
 #[utoipa::path(post, path = "/v1/workspaces/{workspace}/blobs/batch", tag = "blobs",

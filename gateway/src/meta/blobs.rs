@@ -2,15 +2,16 @@
 //! workspace references.
 //!
 //! It records what the blob store reports; it never reads or writes blob bytes, and it does not
-//! garbage-collect (nothing here deletes a blob row). Packs (`packs`, `pack_spans`) are
-//! recorded together with the blobs they hold, in one transaction, after the pack is durable.
+//! garbage-collect (nothing here deletes a blob row). A pack row, with the list of every span
+//! written into the pack, is recorded together with the blobs it holds, in one transaction,
+//! after the pack is durable.
 
 use std::collections::{HashMap, HashSet};
 
-use podfs_protocol::pack::Span;
+use podfs_protocol::pack::{self, Span};
 use sqlx::Row;
 
-use super::sql::{CHUNK, hashes_found, now_ms, params, stored_hash, stored_hashes, to_u64};
+use super::sql::{CHUNK, chunk_query, hashes_found, now_ms, params, stored_hash, stored_hashes, to_u64};
 use super::{ContentHash, MetaError, MetaStore};
 
 /// Where a recorded blob's stored bytes are.
@@ -84,37 +85,25 @@ impl MetaStore {
     }
 
     /// Records a pack the blob store holds and every blob in it, in one transaction: the pack
-    /// row, one span row per stored blob (copies of content recorded before included), and a
-    /// blob row for each content not recorded before (its location is this pack). Returns how
-    /// many blobs became referenceable. Recording the same pack again changes nothing.
+    /// row with its span list (every stored blob written into it, copies of content recorded
+    /// before included: what garbage collection counts as live or dead bytes), and a blob row
+    /// for each content not recorded before (its location is this pack). Returns how many
+    /// blobs became referenceable. Recording the same pack again changes nothing.
     pub async fn record_pack(&self, pack: &NewPack) -> Result<u64, MetaError> {
         let now = now_ms();
+        let spans: Vec<Span> = pack.spans.iter().map(|(s, _)| *s).collect();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO packs (hash, size, blobs, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (hash) DO NOTHING",
+            "INSERT INTO packs (hash, size, blobs, created_at, spans) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (hash) DO NOTHING",
         )
         .bind(pack.hash.0.to_vec())
         .bind(to_i64(pack.size, "pack size")?)
         .bind(to_i64(pack.spans.len() as u64, "pack blobs")?)
         .bind(now)
+        .bind(pack::encode_spans(&spans))
         .execute(&mut *tx)
         .await?;
-        for chunk in pack.spans.chunks(CHUNK) {
-            let rows: Vec<String> = (0..chunk.len()).map(|i| format!("({})", params(4 * i + 1, 4))).collect();
-            let sql = format!(
-                "INSERT INTO pack_spans (pack, pack_offset, length, hash) VALUES {} ON CONFLICT (pack, pack_offset) DO NOTHING",
-                rows.join(", ")
-            );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
-            for (span, _) in chunk {
-                q = q
-                    .bind(pack.hash.0.to_vec())
-                    .bind(to_i64(span.offset, "pack offset")?)
-                    .bind(to_i64(span.len, "span length")?)
-                    .bind(span.hash.0.to_vec());
-            }
-            q.execute(&mut *tx).await?;
-        }
         // one row per content: the first copy in the pack is its location
         let mut seen = HashSet::new();
         let firsts: Vec<&(Span, u64)> = pack.spans.iter().filter(|(s, _)| seen.insert(s.hash)).collect();
@@ -126,7 +115,7 @@ impl MetaStore {
                  ON CONFLICT (hash) DO NOTHING",
                 rows.join(", ")
             );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+            let mut q = chunk_query(sql, chunk.len());
             for (span, size) in chunk {
                 q = q
                     .bind(span.hash.0.to_vec())
@@ -151,7 +140,7 @@ impl MetaStore {
                 "SELECT hash, size, stored_size, pack, pack_offset FROM blobs WHERE hash IN ({})",
                 params(1, chunk.len())
             );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+            let mut q = chunk_query(sql, chunk.len());
             for h in chunk {
                 q = q.bind(h.0.to_vec());
             }
@@ -181,6 +170,20 @@ impl MetaStore {
     /// The blob row of `hash`, if it is recorded.
     pub async fn blob_row(&self, hash: &ContentHash) -> Result<Option<BlobRow>, MetaError> {
         Ok(self.blob_rows(&[*hash]).await?.remove(hash))
+    }
+
+    /// The span list of a recorded pack (every stored blob written into it, in offset order),
+    /// or `None` when no such pack is recorded.
+    pub async fn pack_spans(&self, hash: &ContentHash) -> Result<Option<Vec<Span>>, MetaError> {
+        let row = sqlx::query("SELECT spans FROM packs WHERE hash = $1")
+            .bind(hash.0.to_vec())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let list: Vec<u8> = r.try_get("spans")?;
+            pack::decode_spans(&list).map_err(|e| MetaError::Inconsistent(format!("pack {hash}: {e}")))
+        })
+        .transpose()
     }
 
     /// Every recorded pack: hash, size and the number of stored blobs written into it, by hash.

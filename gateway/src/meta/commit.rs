@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use podfs_protocol::EntryKind;
 use sqlx::{AnyConnection, Row};
 
-use super::sql::{CHUNK, entry_from_row, now_ms, params, rfc3339, stored_hashes, to_u64};
+use super::sql::{CHUNK, chunk_query, entry_from_row, now_ms, params, rfc3339, stored_hashes, to_u64};
 use super::workspaces::no_workspace;
 use super::{Change, CommitInput, ContentHash, Entry, LIVE, MetaError, MetaStore, VersionInfo, WorkspaceRow};
 
@@ -122,8 +122,13 @@ async fn apply(
         return Err(MetaError::MissingBlobs(missing));
     }
 
-    let paths: Vec<&str> = changes.iter().map(|c| c.path().as_str()).collect();
-    let live = live_entries(conn, ws_id, &paths).await?;
+    // Version 0 is the empty tree: a first commit has no live rows to read.
+    let live = if parent == 0 {
+        HashMap::new()
+    } else {
+        let paths: Vec<&str> = changes.iter().map(|c| c.path().as_str()).collect();
+        live_entries(conn, ws_id, &paths).await?
+    };
 
     // Plan: rows to close, rows to insert, paths that must end up without live children.
     let mut close = Vec::new();
@@ -161,7 +166,7 @@ async fn apply(
 
     close_live(conn, ws_id, number, &close).await?;
     insert_entries(conn, ws_id, number, &insert).await?;
-    check_parents(conn, ws_id, &insert).await?;
+    check_parents(conn, ws_id, changes, &insert).await?;
     check_no_children(conn, ws_id, &must_be_empty).await?;
 
     let (file_count, total_bytes) = counts.finish()?;
@@ -264,7 +269,7 @@ async fn live_entries(
              WHERE workspace_id = $1 AND until_version = $2 AND path IN ({})",
             params(3, chunk.len())
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false).bind(ws_id).bind(LIVE);
+        let mut query = chunk_query(sql, chunk.len()).bind(ws_id).bind(LIVE);
         for p in chunk {
             query = query.bind(*p);
         }
@@ -284,7 +289,7 @@ async fn close_live(conn: &mut AnyConnection, ws_id: i64, number: i64, paths: &[
              WHERE workspace_id = $2 AND until_version = $3 AND path IN ({})",
             params(4, chunk.len())
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false).bind(number).bind(ws_id).bind(LIVE);
+        let mut query = chunk_query(sql, chunk.len()).bind(number).bind(ws_id).bind(LIVE);
         for p in chunk {
             query = query.bind(*p);
         }
@@ -317,7 +322,7 @@ async fn insert_entries(
             }
             sql.push_str(&format!("($1, ${p}, $2, $3, ${}, ${}, ${}, ${}, ${})", p + 1, p + 2, p + 3, p + 4, p + 5));
         }
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false).bind(ws_id).bind(number).bind(LIVE);
+        let mut query = chunk_query(sql, chunk.len()).bind(ws_id).bind(number).bind(LIVE);
         for e in chunk {
             query = query
                 .bind(e.path.as_str())
@@ -334,24 +339,44 @@ async fn insert_entries(
 }
 
 /// Closed-tree rule for new rows: the parent of every inserted entry is the top or a live
-/// directory (after the whole commit applied).
-async fn check_parents(conn: &mut AnyConnection, ws_id: i64, inserted: &[&Entry]) -> Result<(), MetaError> {
-    let mut parents: Vec<&str> = inserted.iter().map(|e| e.path.parent_str()).filter(|p| !p.is_empty()).collect();
-    parents.sort_unstable();
-    parents.dedup();
-    let live = live_entries(conn, ws_id, &parents).await?;
+/// directory (after the whole commit applied). A parent the commit puts or deletes is judged by
+/// the commit itself; only the others are read from the database (none for a tree committed
+/// whole, one for a file saved in an existing directory).
+async fn check_parents(
+    conn: &mut AnyConnection,
+    ws_id: i64,
+    changes: &[Change],
+    inserted: &[&Entry],
+) -> Result<(), MetaError> {
+    // what each path of the commit is afterwards: `None` when deleted
+    let after: HashMap<&str, Option<EntryKind>> = changes
+        .iter()
+        .map(|c| match c {
+            Change::Put(e) => (e.path.as_str(), Some(e.kind)),
+            Change::Delete(p) => (p.as_str(), None),
+        })
+        .collect();
+    let mut unknown: Vec<&str> =
+        inserted.iter().map(|e| e.path.parent_str()).filter(|p| !p.is_empty() && !after.contains_key(p)).collect();
+    unknown.sort_unstable();
+    unknown.dedup();
+    let live = live_entries(conn, ws_id, &unknown).await?;
     for e in inserted {
         let parent = e.path.parent_str();
         if parent.is_empty() {
             continue;
         }
-        match live.get(parent) {
-            Some(p) if p.kind == EntryKind::Dir => {}
-            Some(p) => {
+        let kind = match after.get(parent) {
+            Some(kind) => *kind,
+            None => live.get(parent).map(|p| p.kind),
+        };
+        match kind {
+            Some(EntryKind::Dir) => {}
+            Some(kind) => {
                 return Err(MetaError::Invalid(format!(
                     "cannot put {}: its parent {parent} is a {}, not a directory",
                     e.path,
-                    p.kind.as_str()
+                    kind.as_str()
                 )));
             }
             None => {
@@ -379,7 +404,7 @@ async fn check_no_children(
              WHERE workspace_id = $1 AND until_version = $2 AND parent IN ({}) GROUP BY parent",
             params(3, chunk.len())
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false).bind(ws_id).bind(LIVE);
+        let mut query = chunk_query(sql, chunk.len()).bind(ws_id).bind(LIVE);
         for (p, _) in chunk {
             query = query.bind(*p);
         }

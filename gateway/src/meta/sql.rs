@@ -19,6 +19,12 @@ use super::{ContentHash, Entry, LIVE, MetaError, WsPath};
 /// bind parameters), far below SQLite's 32766 and PostgreSQL's 65535.
 pub(super) const CHUNK: usize = 500;
 
+/// The statement of one chunk of a chunked loop. A full chunk has the same text every time, so
+/// it is prepared once per connection; the last, shorter chunk is parsed for its one use.
+pub(super) fn chunk_query<'a>(sql: String, rows: usize) -> sqlx::query::Query<'a, sqlx::Any, sqlx::any::AnyArguments> {
+    sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(rows == CHUNK)
+}
+
 /// `$first, $first+1, ..., $first+n-1`.
 pub(super) fn params(first: usize, n: usize) -> String {
     let mut s = String::with_capacity(n * 6);
@@ -103,7 +109,7 @@ pub(super) async fn hashes_found(
     let mut found = HashSet::new();
     let first = if workspace.is_some() { 2 } else { 1 };
     for chunk in hashes.chunks(CHUNK) {
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql(&params(first, chunk.len())))).persistent(false);
+        let mut query = chunk_query(sql(&params(first, chunk.len())), chunk.len());
         if let Some(ws) = workspace {
             query = query.bind(ws);
         }
