@@ -36,8 +36,11 @@ use crate::store::{BlobService, ByteStream};
 pub const BUILD_LEASE: Duration = Duration::from_secs(120);
 /// How often a replica waiting on another's build looks for the result.
 const POLL: Duration = Duration::from_millis(200);
-/// Messages queued for the SQLite writer thread (each at most one small file).
-const WRITER_QUEUE: usize = 64;
+/// Messages queued for the SQLite writer thread. A message of blobs holds at most one merged
+/// range (up to 32 MiB stored), so this bounds what waits for the writer.
+const WRITER_QUEUE: usize = 4;
+/// Entries (or deletions) per message to the writer.
+const OPS_PER_MESSAGE: usize = 1024;
 
 /// The store key of a manifest whose SQLite file hashes to `hash`.
 pub fn key(hash: &ContentHash) -> String {
@@ -66,12 +69,12 @@ pub struct Delta {
     _dir: tempfile::TempDir,
 }
 
-/// What the writer thread is told.
+/// What the writer thread is told: batches, so that the thread wakes once per batch, not per
+/// entry.
 enum Msg {
-    Entry(Entry),
-    Delete(String),
-    Replaced(Entry),
-    Blob(ContentHash, Bytes),
+    Ops(Vec<Op>),
+    /// Verified bytes of small files (one merged range of a pack, or one loose blob).
+    Blobs(Vec<(ContentHash, Bytes)>),
 }
 
 impl ManifestService {
@@ -224,33 +227,36 @@ impl ManifestService {
     where
         S: Stream<Item = Result<Op, Error>> + Send,
     {
+        // every op first (a tree of 50,000 files is a few MB of rows), so that the small files
+        // are fetched and verified while the writer stores the entries
+        let ops: Vec<Op> = ops.try_collect().await?;
         let limit = self.small_file_limit;
         let mut seen = std::collections::HashSet::new();
-        let mut small = Vec::new();
-        futures::pin_mut!(ops);
-        while let Some(op) = ops.try_next().await? {
-            if let Op::Put(e) = &op
-                && e.kind != EntryKind::Dir
-                && e.size <= limit
-                && let Some(h) = e.hash
-                && seen.insert(h)
-            {
-                small.push(h);
+        let small: Vec<ContentHash> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Put(e) if e.kind != EntryKind::Dir && e.size <= limit => e.hash,
+                _ => None,
+            })
+            .filter(|h| seen.insert(*h))
+            .collect();
+        let entries = async {
+            let mut ops = ops.into_iter().peekable();
+            while ops.peek().is_some() {
+                let batch: Vec<Op> = ops.by_ref().take(OPS_PER_MESSAGE).collect();
+                tx.send(Msg::Ops(batch)).await.map_err(|_| writer_gone())?;
             }
-            let msg = match op {
-                Op::Put(e) => Msg::Entry(e),
-                Op::Delete(p) => Msg::Delete(p),
-                Op::Replaced(e) => Msg::Replaced(e),
-            };
-            tx.send(msg).await.map_err(|_| writer_gone())?;
-        }
-        let reads = self.blobs.read_small(small);
-        futures::pin_mut!(reads);
-        while let Some(blobs) = reads.try_next().await? {
-            for (hash, bytes) in blobs {
-                tx.send(Msg::Blob(hash, bytes)).await.map_err(|_| writer_gone())?;
+            Ok::<_, Error>(())
+        };
+        let blobs = async {
+            let reads = self.blobs.read_small(small);
+            futures::pin_mut!(reads);
+            while let Some(blobs) = reads.try_next().await? {
+                tx.send(Msg::Blobs(blobs)).await.map_err(|_| writer_gone())?;
             }
-        }
+            Ok(())
+        };
+        futures::try_join!(entries, blobs)?;
         Ok(())
     }
 
@@ -331,10 +337,12 @@ fn spawn_writer(
         let mut w = open().map_err(manifest_err)?;
         while let Some(msg) = rx.blocking_recv() {
             match msg {
-                Msg::Entry(e) => w.put_entry(&e),
-                Msg::Delete(p) => w.delete_entry(&p, record_deletes),
-                Msg::Blob(h, b) => w.put_blob(&h, &b),
-                Msg::Replaced(e) => w.put_replaced(&e),
+                Msg::Ops(ops) => ops.iter().try_for_each(|op| match op {
+                    Op::Put(e) => w.put_entry(e),
+                    Op::Delete(p) => w.delete_entry(p, record_deletes),
+                    Op::Replaced(e) => w.put_replaced(e),
+                }),
+                Msg::Blobs(blobs) => blobs.iter().try_for_each(|(h, b)| w.put_blob(h, b)),
             }
             .map_err(manifest_err)?;
         }

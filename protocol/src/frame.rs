@@ -12,6 +12,10 @@ use crate::ContentHash;
 
 /// zstd level of frames: fast to build, and most of a manifest is already-compact text.
 pub const LEVEL: i32 = 3;
+/// Sources at least this large are compressed by several zstd workers (still one frame).
+pub const MULTITHREAD_FROM: u64 = 16 << 20;
+/// At most this many workers per frame.
+const MAX_WORKERS: u32 = 4;
 /// The HTTP content type of a frame.
 pub const CONTENT_TYPE: &str = "application/zstd";
 
@@ -45,6 +49,11 @@ pub struct Compressed {
 pub fn compress(mut src: impl Read, size: u64, dst: impl Write) -> Result<Compressed, FrameError> {
     let mut out = HashingWriter::new(dst);
     let mut enc = zstd::stream::write::Encoder::new(&mut out, LEVEL)?;
+    if size >= MULTITHREAD_FROM {
+        // a full manifest of a large tree is hundreds of MB: one core would take seconds
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        enc.multithread(cores.min(MAX_WORKERS))?;
+    }
     enc.set_pledged_src_size(Some(size))?;
     enc.include_contentsize(true)?;
     enc.include_checksum(false)?;
@@ -166,5 +175,25 @@ mod tests {
         assert!(matches!(garbage, Err(FrameError::Io(_) | FrameError::NotZstd(_))), "{garbage:?}");
         let changed = compress(&content[..10], 11, io::sink());
         assert!(matches!(changed, Err(FrameError::SourceChanged { .. })), "{changed:?}");
+    }
+
+    /// A large source is compressed by several workers, and is still one frame that declares
+    /// its content size.
+    #[test]
+    fn large_sources_are_still_one_frame() {
+        let mut x = 7u64;
+        let content: Vec<u8> = (0..MULTITHREAD_FROM + 12345)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                b"abcdefgh ;\n"[(x >> 60) as usize % 11]
+            })
+            .collect();
+        let mut frame = Vec::new();
+        let c = compress(&content[..], content.len() as u64, &mut frame).unwrap();
+        assert_eq!(zstd::zstd_safe::find_frame_compressed_size(&frame), Ok(frame.len()));
+        assert!(matches!(zstd::zstd_safe::get_frame_content_size(&frame), Ok(Some(n)) if n == content.len() as u64));
+        let mut out = Vec::new();
+        decompress_verified(&frame[..], &c.hash, c.size, &mut out).unwrap();
+        assert!(out == content);
     }
 }
