@@ -48,7 +48,8 @@ impl MetaStore {
         let number = parent + 1;
 
         let mut tx = self.pool.begin().await?;
-        let applied = match apply(&mut tx, ws.id, parent, &changes, &input.message, &input.author).await {
+        let applied = match apply(&mut tx, self.postgres, ws.id, parent, &changes, &input.message, &input.author).await
+        {
             Ok(Some(applied)) => applied,
             Ok(None) => {
                 tx.rollback().await?;
@@ -87,6 +88,7 @@ impl MetaStore {
 /// of the head found another head.
 async fn apply(
     conn: &mut AnyConnection,
+    pg: bool,
     ws_id: i64,
     parent: i64,
     changes: &[Change],
@@ -127,7 +129,7 @@ async fn apply(
         HashMap::new()
     } else {
         let paths: Vec<&str> = changes.iter().map(|c| c.path().as_str()).collect();
-        live_entries(conn, ws_id, &paths).await?
+        live_entries(conn, pg, ws_id, &paths).await?
     };
 
     // Plan: rows to close, rows to insert, paths that must end up without live children.
@@ -164,9 +166,9 @@ async fn apply(
         }
     }
 
-    close_live(conn, ws_id, number, &close).await?;
+    close_live(conn, pg, ws_id, number, &close).await?;
     insert_entries(conn, ws_id, number, &insert).await?;
-    check_parents(conn, ws_id, changes, &insert).await?;
+    check_parents(conn, pg, ws_id, changes, &insert).await?;
     check_no_children(conn, ws_id, &must_be_empty).await?;
 
     let (file_count, total_bytes) = counts.finish()?;
@@ -256,19 +258,40 @@ fn checked_changes(changes: Vec<Change>) -> Result<Vec<Change>, MetaError> {
     Ok(out)
 }
 
+/// The statement finding the live rows of `n` paths, selecting `columns`: `$ws` is the
+/// workspace, `$live` is [`LIVE`], the paths are `$first` on.
+///
+/// On PostgreSQL one index probe per path, written so that no plan can do otherwise: with
+/// `path IN (...)` the planner, believing a workspace that was just filled holds a row or two
+/// (its statistics lag behind), used the index on `(workspace_id, until_version)` alone and
+/// filtered every live row of the workspace, for every chunk: a 18,000-path commit on top of a
+/// 30,000-file tree took 7.7 s. SQLite plans `IN` as probes.
+fn live_rows_sql(pg: bool, columns: &str, (ws, live): (usize, usize), first: usize, n: usize) -> String {
+    if pg {
+        let values: Vec<String> = (first..first + n).map(|i| format!("(${i})")).collect();
+        format!(
+            "SELECT {columns} FROM (VALUES {}) AS p (path) CROSS JOIN LATERAL \
+             (SELECT ctid, path, kind, hash, size, mode FROM entries WHERE workspace_id = ${ws} AND until_version = ${live} AND path = p.path) AS e",
+            values.join(", ")
+        )
+    } else {
+        format!(
+            "SELECT {columns} FROM entries AS e WHERE workspace_id = ${ws} AND until_version = ${live} AND path IN ({})",
+            params(first, n)
+        )
+    }
+}
+
 /// The live entries among `paths`, by path.
 async fn live_entries(
     conn: &mut AnyConnection,
+    pg: bool,
     ws_id: i64,
     paths: &[&str],
 ) -> Result<HashMap<String, Entry>, MetaError> {
     let mut live = HashMap::with_capacity(paths.len());
     for chunk in paths.chunks(CHUNK) {
-        let sql = format!(
-            "SELECT path, kind, hash, size, mode FROM entries \
-             WHERE workspace_id = $1 AND until_version = $2 AND path IN ({})",
-            params(3, chunk.len())
-        );
+        let sql = live_rows_sql(pg, "e.path, e.kind, e.hash, e.size, e.mode", (1, 2), 3, chunk.len());
         let mut query = chunk_query(sql, chunk.len()).bind(ws_id).bind(LIVE);
         for p in chunk {
             query = query.bind(*p);
@@ -281,14 +304,27 @@ async fn live_entries(
     Ok(live)
 }
 
-/// Ends the live rows of `paths` at version `number`.
-async fn close_live(conn: &mut AnyConnection, ws_id: i64, number: i64, paths: &[&str]) -> Result<(), MetaError> {
+/// Ends the live rows of `paths` at version `number`. On PostgreSQL the rows are found as in
+/// [`live_rows_sql`] and updated by their row ids (the transaction holds the workspace's head,
+/// so no other commit moves them meanwhile).
+async fn close_live(
+    conn: &mut AnyConnection,
+    pg: bool,
+    ws_id: i64,
+    number: i64,
+    paths: &[&str],
+) -> Result<(), MetaError> {
     for chunk in paths.chunks(CHUNK) {
-        let sql = format!(
-            "UPDATE entries SET until_version = $1 \
-             WHERE workspace_id = $2 AND until_version = $3 AND path IN ({})",
-            params(4, chunk.len())
-        );
+        let sql = if pg {
+            let rows = live_rows_sql(pg, "e.ctid", (2, 3), 4, chunk.len());
+            format!("UPDATE entries SET until_version = $1 WHERE ctid = ANY (ARRAY ({rows}))")
+        } else {
+            format!(
+                "UPDATE entries SET until_version = $1 \
+                 WHERE workspace_id = $2 AND until_version = $3 AND path IN ({})",
+                params(4, chunk.len())
+            )
+        };
         let mut query = chunk_query(sql, chunk.len()).bind(number).bind(ws_id).bind(LIVE);
         for p in chunk {
             query = query.bind(*p);
@@ -344,6 +380,7 @@ async fn insert_entries(
 /// whole, one for a file saved in an existing directory).
 async fn check_parents(
     conn: &mut AnyConnection,
+    pg: bool,
     ws_id: i64,
     changes: &[Change],
     inserted: &[&Entry],
@@ -360,7 +397,7 @@ async fn check_parents(
         inserted.iter().map(|e| e.path.parent_str()).filter(|p| !p.is_empty() && !after.contains_key(p)).collect();
     unknown.sort_unstable();
     unknown.dedup();
-    let live = live_entries(conn, ws_id, &unknown).await?;
+    let live = live_entries(conn, pg, ws_id, &unknown).await?;
     for e in inserted {
         let parent = e.path.parent_str();
         if parent.is_empty() {
