@@ -169,7 +169,7 @@ async fn apply(
     close_live(conn, pg, ws_id, number, &close).await?;
     insert_entries(conn, ws_id, number, &insert).await?;
     check_parents(conn, pg, ws_id, changes, &insert).await?;
-    check_no_children(conn, ws_id, &must_be_empty).await?;
+    check_no_children(conn, pg, ws_id, &must_be_empty).await?;
 
     let (file_count, total_bytes) = counts.finish()?;
     let created_at = now_ms();
@@ -265,13 +265,14 @@ fn checked_changes(changes: Vec<Change>) -> Result<Vec<Change>, MetaError> {
 /// `path IN (...)` the planner, believing a workspace that was just filled holds a row or two
 /// (its statistics lag behind), used the index on `(workspace_id, until_version)` alone and
 /// filtered every live row of the workspace, for every chunk: a 18,000-path commit on top of a
-/// 30,000-file tree took 7.7 s. SQLite plans `IN` as probes.
+/// 30,000-file tree took 7.7 s. `OFFSET 0` keeps the planner from flattening the subquery
+/// back into that plan. SQLite plans `IN` as probes.
 fn live_rows_sql(pg: bool, columns: &str, (ws, live): (usize, usize), first: usize, n: usize) -> String {
     if pg {
         let values: Vec<String> = (first..first + n).map(|i| format!("(${i})")).collect();
         format!(
             "SELECT {columns} FROM (VALUES {}) AS p (path) CROSS JOIN LATERAL \
-             (SELECT ctid, path, kind, hash, size, mode FROM entries WHERE workspace_id = ${ws} AND until_version = ${live} AND path = p.path) AS e",
+             (SELECT ctid, path, kind, hash, size, mode FROM entries WHERE workspace_id = ${ws} AND until_version = ${live} AND path = p.path OFFSET 0) AS e",
             values.join(", ")
         )
     } else {
@@ -431,16 +432,28 @@ async fn check_parents(
 /// by a file or symlink (`Some(new kind)`), has no live children after the commit applied.
 async fn check_no_children(
     conn: &mut AnyConnection,
+    pg: bool,
     ws_id: i64,
     paths: &[(&str, Option<EntryKind>)],
 ) -> Result<(), MetaError> {
     let mut children = HashMap::new();
     for chunk in paths.chunks(CHUNK) {
-        let sql = format!(
-            "SELECT parent, MIN(path) AS child FROM entries \
-             WHERE workspace_id = $1 AND until_version = $2 AND parent IN ({}) GROUP BY parent",
-            params(3, chunk.len())
-        );
+        let sql = if pg {
+            // one probe per directory, as in `live_rows_sql` (`LIMIT 1` keeps it a probe)
+            let values: Vec<String> = (3..3 + chunk.len()).map(|i| format!("(${i})")).collect();
+            format!(
+                "SELECT p.parent, e.child FROM (VALUES {}) AS p (parent) CROSS JOIN LATERAL \
+                 (SELECT path AS child FROM entries WHERE workspace_id = $1 AND parent = p.parent \
+                  AND until_version = $2 ORDER BY path LIMIT 1) AS e",
+                values.join(", ")
+            )
+        } else {
+            format!(
+                "SELECT parent, MIN(path) AS child FROM entries \
+                 WHERE workspace_id = $1 AND until_version = $2 AND parent IN ({}) GROUP BY parent",
+                params(3, chunk.len())
+            )
+        };
         let mut query = chunk_query(sql, chunk.len()).bind(ws_id).bind(LIVE);
         for (p, _) in chunk {
             query = query.bind(*p);
