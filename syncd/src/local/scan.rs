@@ -51,8 +51,6 @@ pub type Sources = HashMap<ContentHash, Source>;
 pub struct ScannedTree {
     /// Sorted by path.
     pub entries: Vec<Entry>,
-    /// One place to read each content hash from.
-    pub sources: Sources,
     /// Paths skipped because they are neither file, directory nor symlink.
     pub skipped: Vec<PathBuf>,
 }
@@ -237,22 +235,20 @@ pub fn scan_with(root: &Path, mut on_chunk: impl FnMut(Vec<(ContentHash, Source)
         tracing::warn!("{w}");
     }
 
-    let mut hashed: Vec<(Entry, Option<Source>)> = Vec::with_capacity(found.len());
+    // the sources go to `on_chunk` only: kept bytes are freed once the caller is done with them
+    let mut tree = ScannedTree { entries: Vec::with_capacity(found.len()), skipped };
     let mut rest = found.into_iter().peekable();
     let budget = std::sync::atomic::AtomicU64::new(KEEP_BUDGET);
     while rest.peek().is_some() {
         let chunk: Vec<_> = rest.by_ref().take(SCAN_CHUNK).collect();
-        let done = hash_all(chunk, &budget)?;
-        on_chunk(done.iter().filter_map(|(e, s)| Some((e.hash?, s.clone()?))).collect());
-        hashed.extend(done);
-    }
-
-    let mut tree = ScannedTree { skipped, ..ScannedTree::default() };
-    for (entry, source) in hashed {
-        if let (Some(h), Some(s)) = (entry.hash, source) {
-            tree.sources.entry(h).or_insert(s);
+        let mut sources = Vec::new();
+        for (entry, source) in hash_all(chunk, &budget)? {
+            if let (Some(h), Some(s)) = (entry.hash, source) {
+                sources.push((h, s));
+            }
+            tree.entries.push(entry);
         }
-        tree.entries.push(entry);
+        on_chunk(sources);
     }
     tree.entries.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(tree)
@@ -313,11 +309,12 @@ mod tests {
         fs::write(r.join("small"), b"small content").unwrap();
         fs::write(r.join("big"), &big).unwrap();
         let mut chunks = Vec::new();
-        let t = scan_with(r, |c| chunks.extend(c)).unwrap();
+        scan_with(r, |c| chunks.extend(c)).unwrap();
+        let sources: Sources = chunks.iter().cloned().collect();
         let small = ContentHash::of(b"small content");
-        assert!(matches!(&t.sources[&small], Source::Inline(b) if b.as_ref() == b"small content"));
+        assert!(matches!(&sources[&small], Source::Inline(b) if b.as_ref() == b"small content"));
         let big = ContentHash::of(&big);
-        assert!(matches!(&t.sources[&big], Source::File { size, .. } if *size == KEEP_CONTENT + 1));
+        assert!(matches!(&sources[&big], Source::File { size, .. } if *size == KEEP_CONTENT + 1));
         // every content went to the chunk callback once
         let mut seen: Vec<ContentHash> = chunks.iter().map(|(h, _)| *h).collect();
         seen.sort();
@@ -342,7 +339,8 @@ mod tests {
         fs::write(r.join(".podfs/state/db"), b"x").unwrap();
         fs::create_dir_all(r.join("sub/.podfs")).unwrap();
 
-        let t = scan(r).unwrap();
+        let mut sources = Sources::new();
+        let t = scan_with(r, |c| sources.extend(c)).unwrap();
         assert_eq!(
             paths(&t),
             [".env", "dangling", "link", "run.sh", "src", "src/empty", "src/main.rs", "sub", "sub/.podfs"]
@@ -357,7 +355,7 @@ mod tests {
         assert_eq!(get("dangling").hash, Some(ContentHash::of(b"/nonexistent/abs")));
         let f = get("src/main.rs");
         assert_eq!(f.hash, Some(ContentHash::of(b"fn main() {}")));
-        assert!(matches!(t.sources.get(&ContentHash::of(b"src/main.rs")), Some(Source::Inline(_))));
+        assert!(matches!(sources.get(&ContentHash::of(b"src/main.rs")), Some(Source::Inline(_))));
     }
 
     #[test]
