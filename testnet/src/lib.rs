@@ -23,6 +23,10 @@ pub mod services;
 pub mod tree;
 
 pub use proxy::FaultProxy;
+pub use s3::list_keys;
+pub use services::{
+    S3Env, Services, StoreUrl, TestDb, database_url_with_addr, fresh_database, fresh_s3_prefix, store_url_with_endpoint,
+};
 
 /// Options of a Phase 2 pull in tests: its content cache at `cache` (default size), 16
 /// downloads at once, no progress bars, no forcing.
@@ -36,7 +40,3 @@ pub fn hydrate_options(cache: &std::path::Path) -> podfs_syncd::HydrateOptions {
         keep_local: false,
     }
 }
-pub use s3::list_keys;
-pub use services::{
-    S3Env, Services, StoreUrl, TestDb, database_url_with_addr, fresh_database, fresh_s3_prefix, store_url_with_endpoint,
-};

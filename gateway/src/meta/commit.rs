@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use podfs_protocol::EntryKind;
 use sqlx::{AnyConnection, Row};
 
-use super::sql::{CHUNK, chunk_query, entry_from_row, now_ms, params, rfc3339, stored_hashes, to_u64};
+use super::sql::{CHUNK, chunk_query, entry_from_row, now_ms, params, rfc3339, stored_hashes, to_u64, value_rows};
 use super::workspaces::no_workspace;
 use super::{Change, CommitInput, ContentHash, Entry, LIVE, MetaError, MetaStore, VersionInfo, WorkspaceRow};
 
@@ -269,11 +269,10 @@ fn checked_changes(changes: Vec<Change>) -> Result<Vec<Change>, MetaError> {
 /// back into that plan. SQLite plans `IN` as probes.
 fn live_rows_sql(pg: bool, columns: &str, (ws, live): (usize, usize), first: usize, n: usize) -> String {
     if pg {
-        let values: Vec<String> = (first..first + n).map(|i| format!("(${i})")).collect();
         format!(
             "SELECT {columns} FROM (VALUES {}) AS p (path) CROSS JOIN LATERAL \
              (SELECT ctid, path, kind, hash, size, mode FROM entries WHERE workspace_id = ${ws} AND until_version = ${live} AND path = p.path OFFSET 0) AS e",
-            values.join(", ")
+            value_rows(first, n)
         )
     } else {
         format!(
@@ -440,12 +439,11 @@ async fn check_no_children(
     for chunk in paths.chunks(CHUNK) {
         let sql = if pg {
             // one probe per directory, as in `live_rows_sql` (`LIMIT 1` keeps it a probe)
-            let values: Vec<String> = (3..3 + chunk.len()).map(|i| format!("(${i})")).collect();
             format!(
                 "SELECT p.parent, e.child FROM (VALUES {}) AS p (parent) CROSS JOIN LATERAL \
                  (SELECT path AS child FROM entries WHERE workspace_id = $1 AND parent = p.parent \
                   AND until_version = $2 ORDER BY path LIMIT 1) AS e",
-                values.join(", ")
+                value_rows(3, chunk.len())
             )
         } else {
             format!(

@@ -38,6 +38,11 @@ pub(super) fn params(first: usize, n: usize) -> String {
     s
 }
 
+/// `($first), ($first+1), ..., ($first+n-1)`: the rows of a one-column `VALUES` list.
+pub(super) fn value_rows(first: usize, n: usize) -> String {
+    (first..first + n).map(|i| format!("(${i})")).collect::<Vec<_>>().join(", ")
+}
+
 /// The current time in unix milliseconds.
 pub(super) fn now_ms() -> i64 {
     let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
@@ -174,6 +179,7 @@ mod tests {
         assert_eq!(params(1, 3), "$1, $2, $3");
         assert_eq!(params(4, 1), "$4");
         assert_eq!(params(2, 0), "");
+        assert_eq!(value_rows(3, 2), "($3), ($4)");
     }
 
     #[test]
