@@ -62,6 +62,15 @@ pub struct ManifestService {
     building: Arc<Mutex<HashMap<(i64, u64), BuildLock>>>,
 }
 
+/// A version's manifest: its row, and when this very call built it, the stored frame it just
+/// wrote (already durable in the blob store and recorded), so the first answer is served from
+/// local disk instead of a GET of what was just PUT.
+pub struct Manifest {
+    pub row: ManifestRow,
+    /// The stored frame, unlinked (gone when dropped).
+    pub frame: Option<std::fs::File>,
+}
+
 /// A delta manifest ready to send: its file (unlinked when dropped) and figures.
 pub struct Delta {
     pub file: std::fs::File,
@@ -86,9 +95,9 @@ impl ManifestService {
     }
 
     /// The manifest of version `v`, built first if it does not exist yet.
-    pub async fn get_or_build(&self, ws: &WorkspaceRow, v: u64) -> Result<ManifestRow, Error> {
-        if let Some(m) = self.meta.manifest(ws.id, v).await? {
-            return Ok(m);
+    pub async fn get_or_build(&self, ws: &WorkspaceRow, v: u64) -> Result<Manifest, Error> {
+        if let Some(row) = self.meta.manifest(ws.id, v).await? {
+            return Ok(Manifest { row, frame: None });
         }
         let lock = {
             let mut map = self.building.lock().unwrap_or_else(|e| e.into_inner());
@@ -107,12 +116,12 @@ impl ManifestService {
 
     /// Under this process's lock: look again, then claim across replicas and build, or wait
     /// for the replica that holds the claim.
-    async fn build_once(&self, ws: &WorkspaceRow, v: u64) -> Result<ManifestRow, Error> {
+    async fn build_once(&self, ws: &WorkspaceRow, v: u64) -> Result<Manifest, Error> {
         let lease_ms = BUILD_LEASE.as_millis() as i64;
         let deadline = Instant::now() + BUILD_LEASE + Duration::from_secs(30);
         loop {
-            if let Some(m) = self.meta.manifest(ws.id, v).await? {
-                return Ok(m);
+            if let Some(row) = self.meta.manifest(ws.id, v).await? {
+                return Ok(Manifest { row, frame: None });
             }
             if self.meta.claim_manifest_build(ws.id, v, &self.owner, lease_ms).await? {
                 let built = self.build(ws, v).await;
@@ -130,7 +139,7 @@ impl ManifestService {
         }
     }
 
-    async fn build(&self, ws: &WorkspaceRow, v: u64) -> Result<ManifestRow, Error> {
+    async fn build(&self, ws: &WorkspaceRow, v: u64) -> Result<Manifest, Error> {
         let started = Instant::now();
         let header = Header {
             workspace: ws.info.name.clone(),
@@ -167,8 +176,8 @@ impl ManifestService {
             None => {
                 let (path, header) = (path.clone(), header.clone());
                 let (tx, writer) = spawn_writer(false, move || Writer::create(&path, &header));
-                let tree = self.meta.tree(ws.id, v).map_ok(Op::Put).map_err(Error::from);
-                self.feed(tx.clone(), tree).await?;
+                let tree = self.meta.tree_all(ws.id, v).await?;
+                self.feed(tx.clone(), futures::stream::iter(tree.into_iter().map(|e| Ok(Op::Put(e))))).await?;
                 (writer, tx)
             }
         };
@@ -176,6 +185,8 @@ impl ManifestService {
         let frame = dir.path().join("manifest.sqlite.zst");
         let (compressed, (entries, blobs)) = writer.compress(path, frame.clone()).await?;
         self.blobs.backend().put_file(&key(&compressed.hash), &frame).await?;
+        // open before the scratch dir goes: the open file outlives its name
+        let frame = std::fs::File::open(&frame).map_err(manifest_io)?;
         let row = ManifestRow {
             version: v,
             hash: compressed.hash,
@@ -194,7 +205,7 @@ impl ManifestService {
         metrics::histogram!("podfs_manifest_build_seconds", "kind" => kind).record(started.elapsed().as_secs_f64());
         tracing::info!(workspace = %ws.info.name, version = v, kind, base = ?base_version, entries, blobs,
             bytes = compressed.size, stored = compressed.stored_size, ms = row.build_ms, "manifest built");
-        Ok(row)
+        Ok(Manifest { row, frame: Some(frame) })
     }
 
     /// The changes from `since` to `v` as a delta manifest (not stored).
@@ -271,6 +282,19 @@ impl ManifestService {
         }
         file.flush().await.map_err(manifest_io)?;
         Ok(())
+    }
+
+    /// The stored frame of `m`, from the local copy its build left when there is one, else from
+    /// the blob store; either way checked against the recorded hash and length as it streams.
+    pub async fn frame(&self, m: Manifest) -> Result<ByteStream, Error> {
+        match m.frame {
+            Some(file) => {
+                let file = tokio::fs::File::from_std(file);
+                let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
+                Ok(verified_stream(Box::pin(stream), m.row.stored_hash, m.row.stored_size))
+            }
+            None => self.stored(&m.row).await,
+        }
     }
 
     /// The stored frame of `m`, streamed and checked against its recorded hash and length; a

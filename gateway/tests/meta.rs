@@ -10,6 +10,7 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::time::Duration;
 
 use futures::{FutureExt, TryStreamExt};
 use podfs_gateway::meta::*;
@@ -894,7 +895,41 @@ async fn case_tree_streams_20k_entries_sorted(store: MetaStore) {
             count += 1;
         }
         assert_eq!(count, 20_000);
+        let whole: Vec<Entry> = store.tree_all(ws.id, v).await.unwrap();
+        let streamed: Vec<Entry> = store.tree(ws.id, v).try_collect().await.unwrap();
+        assert_eq!(whole, streamed, "one statement or pages, the same tree");
     }
+    assert!(matches!(store.tree_all(ws.id, 3).await, Err(MetaError::NotFound(_))));
+}
+
+/// A bulk commit refreshes the planner's statistics at once (`last_analyze` is only set by an
+/// explicit ANALYZE, never by autovacuum); small commits do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_bulk_commit_refreshes_planner_statistics() {
+    with_postgres_url(|url| async move {
+        let store = MetaStore::connect(&url).await.unwrap();
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        let ws = store.create_workspace("bulk").await.unwrap();
+        record(&store, &["x"]).await;
+        commit(&store, &ws, vec![file("small", "x")]).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let analyzed = "SELECT last_analyze IS NOT NULL FROM pg_stat_user_tables WHERE relname = 'entries'";
+        let done: bool = sqlx::query_scalar(analyzed).fetch_one(&mut conn).await.unwrap();
+        assert!(!done, "a one-row commit must not ANALYZE");
+
+        let n = podfs_gateway::meta::BULK_COMMIT_ROWS as usize;
+        commit(&store, &ws, (0..n).map(|i| file(&format!("f{i}"), "x")).collect()).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let done: bool = sqlx::query_scalar(analyzed).fetch_one(&mut conn).await.unwrap();
+            if done {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no ANALYZE 20 s after a commit of {n} rows");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
 }
 
 async fn case_paths_sort_bytewise(store: MetaStore) {

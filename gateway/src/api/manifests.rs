@@ -65,7 +65,8 @@ pub async fn get_manifest(
         let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024));
         return Ok((StatusCode::OK, h, body).into_response());
     }
-    let m = state.manifests.get_or_build(&ws, v).await?;
+    let built = state.manifests.get_or_build(&ws, v).await?;
+    let m = &built.row;
     let etag = format!("\"{}\"", m.hash);
     h.insert(header::ETAG, header_value(&etag)?);
     h.insert(MANIFEST_HASH_HEADER, header_value(&m.hash.to_hex())?);
@@ -76,6 +77,6 @@ pub async fn get_manifest(
         return Ok((StatusCode::NOT_MODIFIED, h).into_response());
     }
     h.insert(header::CONTENT_LENGTH, header_value(&m.stored_size.to_string())?);
-    let stream = state.manifests.stored(&m).await?;
+    let stream = state.manifests.frame(built).await?;
     Ok((StatusCode::OK, h, Body::from_stream(stream)).into_response())
 }

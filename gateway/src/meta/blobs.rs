@@ -8,10 +8,13 @@
 
 use std::collections::{HashMap, HashSet};
 
+use futures::StreamExt;
 use podfs_protocol::pack::{self, Span};
 use sqlx::Row;
 
-use super::sql::{CHUNK, chunk_query, hashes_found, now_ms, params, stored_hash, stored_hashes, to_u64};
+use super::sql::{
+    CHUNK, blob_probe_sql, chunk_query, hashes_found, now_ms, params, stored_hash, stored_hashes, to_u64,
+};
 use super::{ContentHash, MetaError, MetaStore};
 
 /// Where a recorded blob's stored bytes are.
@@ -42,6 +45,9 @@ pub struct NewPack {
     pub spans: Vec<(Span, u64)>,
 }
 
+/// Chunks of [`MetaStore::blob_rows`] in flight at once.
+const ROW_READS: usize = 4;
+
 fn to_i64(n: u64, what: &str) -> Result<i64, MetaError> {
     i64::try_from(n).map_err(|_| MetaError::Invalid(format!("{what}: {n} is too large")))
 }
@@ -52,7 +58,7 @@ impl MetaStore {
         let mut seen = HashSet::with_capacity(hashes.len());
         let unique: Vec<ContentHash> = hashes.iter().copied().filter(|h| seen.insert(*h)).collect();
         let mut conn = self.pool.acquire().await?;
-        let stored = stored_hashes(&mut conn, &unique).await?;
+        let stored = stored_hashes(&mut conn, self.postgres, &unique).await?;
         Ok(unique.into_iter().filter(|h| !stored.contains(h)).collect())
     }
 
@@ -78,8 +84,8 @@ impl MetaStore {
     /// Which of `hashes` some version of the workspace references (live or not).
     pub async fn referenced_by(&self, ws_id: i64, hashes: &[ContentHash]) -> Result<HashSet<ContentHash>, MetaError> {
         let mut conn = self.pool.acquire().await?;
-        hashes_found(&mut conn, Some(ws_id), hashes, |list| {
-            format!("SELECT DISTINCT hash FROM entries WHERE workspace_id = $1 AND hash IN ({list})")
+        hashes_found(&mut conn, Some(ws_id), hashes, |first, n| {
+            format!("SELECT DISTINCT hash FROM entries WHERE workspace_id = $1 AND hash IN ({})", params(first, n))
         })
         .await
     }
@@ -131,20 +137,26 @@ impl MetaStore {
         Ok(created)
     }
 
-    /// The blob rows of those of `hashes` that are recorded.
+    /// The blob rows of those of `hashes` that are recorded, read [`ROW_READS`] chunks at once
+    /// (a manifest build asks for 50,000).
     pub async fn blob_rows(&self, hashes: &[ContentHash]) -> Result<HashMap<ContentHash, BlobRow>, MetaError> {
         let mut out = HashMap::with_capacity(hashes.len());
-        let mut conn = self.pool.acquire().await?;
-        for chunk in hashes.chunks(CHUNK) {
-            let sql = format!(
-                "SELECT hash, size, stored_size, pack, pack_offset FROM blobs WHERE hash IN ({})",
-                params(1, chunk.len())
-            );
-            let mut q = chunk_query(sql, chunk.len());
-            for h in chunk {
-                q = q.bind(h.0.to_vec());
-            }
-            for row in q.fetch_all(&mut *conn).await? {
+        let chunks: Vec<Vec<ContentHash>> = hashes.chunks(CHUNK).map(<[ContentHash]>::to_vec).collect();
+        let mut chunks = futures::stream::iter(chunks)
+            .map(|chunk| {
+                let sql = blob_probe_sql(self.postgres, "hash, size, stored_size, pack, pack_offset", 1, chunk.len());
+                let pool = self.pool.clone();
+                async move {
+                    let mut q = chunk_query(sql, chunk.len());
+                    for h in &chunk {
+                        q = q.bind(h.0.to_vec());
+                    }
+                    q.fetch_all(&pool).await
+                }
+            })
+            .buffer_unordered(ROW_READS);
+        while let Some(rows) = chunks.next().await {
+            for row in rows? {
                 let hash = stored_hash(&row.try_get::<Vec<u8>, _>("hash")?)?;
                 let pack: Option<Vec<u8>> = row.try_get("pack")?;
                 let offset: Option<i64> = row.try_get("pack_offset")?;

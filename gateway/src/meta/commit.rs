@@ -69,6 +69,9 @@ impl MetaStore {
             }
         };
         tx.commit().await?;
+        if applied.changed >= super::BULK_COMMIT_ROWS {
+            self.refresh_statistics();
+        }
 
         Ok(VersionInfo {
             workspace: ws.info.name.clone(),
@@ -118,7 +121,7 @@ async fn apply(
             hashes.push(*h);
         }
     }
-    let stored = stored_hashes(conn, &hashes).await?;
+    let stored = stored_hashes(conn, pg, &hashes).await?;
     let missing: Vec<ContentHash> = hashes.into_iter().filter(|h| !stored.contains(h)).collect();
     if !missing.is_empty() {
         return Err(MetaError::MissingBlobs(missing));

@@ -12,7 +12,8 @@
 //! What it does not do: validate workspace names or path syntax (callers hold `WsPath` and
 //! check names with `valid_workspace_name`), move or verify blob bytes (the blob store does),
 //! map errors to HTTP statuses (the API's error module does), cache, or log errors (they are
-//! returned to the caller, which handles them).
+//! returned to the caller, which handles them; the one exception is the background `ANALYZE`
+//! after a bulk commit, whose failure only costs plan quality).
 //!
 //! Every statement is portable: `$N` placeholders, integers bound and read as `i64`, hashes as
 //! 32-byte blobs, times as unix milliseconds, no booleans, no arrays, no database-specific
@@ -27,8 +28,8 @@ mod tokens;
 mod tree;
 mod workspaces;
 
-use std::sync::Once;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
 
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{MigrateError, Migrator};
@@ -131,7 +132,22 @@ pub struct CommitInput {
 pub struct MetaStore {
     pool: AnyPool,
     postgres: bool,
+    /// This process's refreshes of the planner's statistics.
+    analyzed: Arc<Mutex<Analyzed>>,
 }
+
+/// When this process last started an `ANALYZE`, and whether it is still running.
+#[derive(Debug, Default)]
+struct Analyzed {
+    last: Option<Instant>,
+    running: bool,
+}
+
+/// A commit that changes at least this many paths on PostgreSQL refreshes the planner's
+/// statistics of `entries` and `blobs` (`ANALYZE`, in the background)...
+pub const BULK_COMMIT_ROWS: i64 = 1_000;
+/// ...one at a time, and at most this often per process.
+const ANALYZE_EVERY: Duration = Duration::from_secs(5);
 
 impl MetaStore {
     /// Connects to `postgres://...`, `postgresql://...` or `sqlite://...` and brings the schema
@@ -158,7 +174,7 @@ impl MetaStore {
                 .await
                 .map_err(connect_error)?;
             PG_MIGRATOR.run(&pool).await?;
-            MetaStore { pool, postgres }
+            MetaStore { pool, postgres, analyzed: Arc::default() }
         } else {
             if url.contains(":memory:") || url.contains("mode=memory") {
                 // Each pooled connection would open its own, empty database.
@@ -191,7 +207,7 @@ impl MetaStore {
             // Persistent in the file: once is enough, and it must precede the first write.
             pool.execute("PRAGMA journal_mode = WAL").await?;
             SQLITE_MIGRATOR.run(&pool).await?;
-            MetaStore { pool, postgres }
+            MetaStore { pool, postgres, analyzed: Arc::default() }
         };
         Ok(store)
     }
@@ -205,6 +221,43 @@ impl MetaStore {
     pub async fn ping(&self) -> Result<(), MetaError> {
         self.pool.execute("SELECT 1").await?;
         Ok(())
+    }
+
+    /// After a bulk commit on PostgreSQL: `ANALYZE entries, blobs` in the background, unless
+    /// one is running or this process started one less than [`ANALYZE_EVERY`] ago.
+    ///
+    /// Autovacuum analyzes a table only after a tenth of it changed and up to a minute later.
+    /// Until then the planner takes a workspace that just received thousands of rows for an
+    /// empty one (its statistics know only the other workspaces, or nothing), and every plan
+    /// that filters on it costs a scan of the whole workspace:
+    /// - a tree page (1,000 rows) scanned the whole version: 20-50 ms instead of 0.6 ms;
+    /// - the commit's per-path probes used `entries_from` on `workspace_id` alone, filtering
+    ///   every row of the workspace for each path: 500 probes against 2,300 rows took 240 ms
+    ///   instead of 2 ms, and a 20,000-file burst into a workspace that already held 19,000
+    ///   rows took 92 s to commit instead of about 4 s.
+    ///
+    /// `ANALYZE` samples a bounded number of rows (0.1-0.4 s here) and takes a lock that blocks
+    /// neither reads nor writes. A failure only costs plan quality, so it is logged, not
+    /// returned.
+    fn refresh_statistics(&self) {
+        if !self.postgres {
+            return;
+        }
+        {
+            let mut a = self.analyzed.lock().unwrap_or_else(|e| e.into_inner());
+            if a.running || a.last.is_some_and(|t| t.elapsed() < ANALYZE_EVERY) {
+                return;
+            }
+            (a.running, a.last) = (true, Some(Instant::now()));
+        }
+        let (pool, analyzed) = (self.pool.clone(), Arc::clone(&self.analyzed));
+        tokio::spawn(async move {
+            match pool.execute("ANALYZE entries, blobs").await {
+                Ok(_) => metrics::counter!("podfs_meta_analyze_total").increment(1),
+                Err(e) => tracing::warn!(error = %e, "ANALYZE after a bulk commit failed"),
+            }
+            analyzed.lock().unwrap_or_else(|e| e.into_inner()).running = false;
+        });
     }
 
     /// Interval rows stored for a workspace across all its versions: a storage statistic (it

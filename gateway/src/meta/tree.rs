@@ -61,6 +61,27 @@ impl MetaStore {
         .boxed()
     }
 
+    /// The whole tree of version `v`, sorted by path, read by one statement (one snapshot):
+    /// for a caller that holds every entry anyway (a manifest build). Costs one sort of the
+    /// version's rows whatever the planner believes about them, where [`Self::tree`]'s pages
+    /// each cost a scan of the whole version while the table's statistics still describe it
+    /// as nearly empty (right after its first big commit, before `ANALYZE`).
+    pub async fn tree_all(&self, ws_id: i64, v: u64) -> Result<Vec<Entry>, MetaError> {
+        let v = version_i64(v)?;
+        self.check_version(ws_id, v).await?;
+        sqlx::query(
+            "SELECT path, kind, hash, size, mode FROM entries \
+             WHERE workspace_id = $1 AND from_version <= $2 AND until_version > $2 ORDER BY path",
+        )
+        .bind(ws_id)
+        .bind(v)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(entry_from_row)
+        .collect()
+    }
+
     /// The entry at `path` in version `v`, if any.
     pub async fn entry(&self, ws_id: i64, v: u64, path: &WsPath) -> Result<Option<Entry>, MetaError> {
         let v = version_i64(v)?;
