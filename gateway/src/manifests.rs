@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{StreamExt, TryStreamExt};
 use podfs_manifest::transfer::{self, Compressed};
 use podfs_manifest::{Header, Kind, Writer};
 use podfs_protocol::{ContentHash, Entry, EntryKind};
@@ -170,14 +170,14 @@ impl ManifestService {
                     std::fs::remove_file(&frame)?;
                     Writer::modify(&path, &header)
                 });
-                self.feed(tx.clone(), futures::stream::iter(ops_of(diff, false))).await?;
+                self.feed(tx.clone(), ops_of(diff, false)).await?;
                 (writer, tx)
             }
             None => {
                 let (path, header) = (path.clone(), header.clone());
                 let (tx, writer) = spawn_writer(false, move || Writer::create(&path, &header));
                 let tree = self.meta.tree_all(ws.id, v).await?;
-                self.feed(tx.clone(), futures::stream::iter(tree.into_iter().map(|e| Ok(Op::Put(e))))).await?;
+                self.feed(tx.clone(), tree.into_iter().map(Op::Put).collect()).await?;
                 (writer, tx)
             }
         };
@@ -223,7 +223,7 @@ impl ManifestService {
             let path = path.clone();
             spawn_writer(true, move || Writer::create(&path, &header))
         };
-        self.feed(tx.clone(), futures::stream::iter(ops_of(diff, true))).await?;
+        self.feed(tx.clone(), ops_of(diff, true)).await?;
         drop(tx);
         let frame = dir.path().join("delta.sqlite.zst");
         let (compressed, _) = writer.compress(path, frame.clone()).await?;
@@ -231,16 +231,11 @@ impl ManifestService {
         Ok(Delta { file, compressed, _dir: dir })
     }
 
-    /// Sends entries and deletions to the writer, then the bytes of every small file among the
-    /// entries (each distinct content once, fetched verified: packed ones as merged ranges of
-    /// their packs, see [`BlobService::read_small`]).
-    async fn feed<S>(&self, tx: mpsc::Sender<Msg>, ops: S) -> Result<(), Error>
-    where
-        S: Stream<Item = Result<Op, Error>> + Send,
-    {
-        // every op first (a tree of 50,000 files is a few MB of rows), so that the small files
-        // are fetched and verified while the writer stores the entries
-        let ops: Vec<Op> = ops.try_collect().await?;
+    /// Sends entries and deletions to the writer while the bytes of every small file among the
+    /// entries are fetched (each distinct content once, verified: packed ones as merged ranges
+    /// of their packs, see [`BlobService::read_small`]) and sent after them. `ops` are all in
+    /// memory (a tree of 50,000 files is a few MB of rows).
+    async fn feed(&self, tx: mpsc::Sender<Msg>, ops: Vec<Op>) -> Result<(), Error> {
         let limit = self.small_file_limit;
         let mut seen = std::collections::HashSet::new();
         let small: Vec<ContentHash> = ops
@@ -288,11 +283,7 @@ impl ManifestService {
     /// the blob store; either way checked against the recorded hash and length as it streams.
     pub async fn frame(&self, m: Manifest) -> Result<ByteStream, Error> {
         match m.frame {
-            Some(file) => {
-                let file = tokio::fs::File::from_std(file);
-                let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
-                Ok(verified_stream(Box::pin(stream), m.row.stored_hash, m.row.stored_size))
-            }
+            Some(file) => Ok(verified_stream(file_stream(file), m.row.stored_hash, m.row.stored_size)),
             None => self.stored(&m.row).await,
         }
     }
@@ -312,16 +303,16 @@ impl ManifestService {
 }
 
 /// A diff as writer operations; `with_old` adds what each changed path held before (deltas).
-fn ops_of(diff: Vec<crate::meta::DiffEntry>, with_old: bool) -> Vec<Result<Op, Error>> {
+fn ops_of(diff: Vec<crate::meta::DiffEntry>, with_old: bool) -> Vec<Op> {
     let mut ops = Vec::with_capacity(diff.len());
     for d in diff {
         if with_old && let Some(old) = d.old {
-            ops.push(Ok(Op::Replaced(old)));
+            ops.push(Op::Replaced(old));
         }
-        ops.push(Ok(match (d.change, d.new) {
+        ops.push(match (d.change, d.new) {
             (DiffKind::Deleted, _) | (_, None) => Op::Delete(d.path),
             (_, Some(e)) => Op::Put(e),
-        }));
+        });
     }
     ops
 }
@@ -395,6 +386,11 @@ fn manifest_err(source: podfs_manifest::Error) -> Error {
 
 fn manifest_io(source: std::io::Error) -> Error {
     Error::Scratch { what: "writing a manifest scratch file".into(), source }
+}
+
+/// The bytes of a local scratch file (a built frame or a delta), read from its start.
+pub fn file_stream(file: std::fs::File) -> ByteStream {
+    Box::pin(tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 * 1024))
 }
 
 /// `stream`, hashed as it passes; ends with an error unless it was exactly `len` bytes that

@@ -61,8 +61,7 @@ pub async fn get_manifest(
         h.insert(MANIFEST_HASH_HEADER, header_value(&c.hash.to_hex())?);
         h.insert(MANIFEST_SIZE_HEADER, header_value(&c.size.to_string())?);
         h.insert(header::CONTENT_LENGTH, header_value(&c.stored_size.to_string())?);
-        let file = tokio::fs::File::from_std(delta.file);
-        let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024));
+        let body = Body::from_stream(crate::manifests::file_stream(delta.file));
         return Ok((StatusCode::OK, h, body).into_response());
     }
     let built = state.manifests.get_or_build(&ws, v).await?;
