@@ -450,6 +450,95 @@ pub struct BlobLocations {
     pub locations: Vec<BlobLocation>,
 }
 
+/// A devpod announcing itself to the tracker of a workspace (`POST .../peers`): where it serves
+/// (`podfs-peer/1` over QUIC) and which versions it holds whole. Repeated as a heartbeat; an
+/// announcement expires after [`PeerAnnounced::expires_in_secs`].
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PeerAnnounce {
+    /// The BLAKE3 hash of the certificate the devpod presents.
+    pub peer: crate::peer::PeerId,
+    /// Peers share only within a zone (a network where they reach each other directly).
+    pub zone: String,
+    /// `host:port` of its QUIC endpoint.
+    pub address: String,
+    /// Streams it is serving now (the tracker hands out the least loaded first).
+    #[serde(default)]
+    pub serving: u32,
+    /// Versions of this workspace it holds whole and serves (at most 16).
+    #[serde(default)]
+    pub versions: Vec<u64>,
+    /// Peers that sent it bytes failing verification since its last announcement.
+    #[serde(default)]
+    pub reports: Vec<crate::peer::PeerId>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PeerAnnounced {
+    /// Announce again well before this.
+    pub expires_in_secs: u64,
+    /// The gateway's Ed25519 public key (hex) that capabilities are signed with.
+    pub capability_key: String,
+}
+
+/// A cold start asking for a fetch plan (`POST .../versions/{version}/plan`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PlanRequest {
+    pub peer: crate::peer::PeerId,
+    pub zone: String,
+    /// `host:port` where the asker serves what it fetches (it becomes a holder).
+    pub address: String,
+}
+
+/// Where a cold start gets the units of a version: peers of its zone first, S3 for what no
+/// peer has or is fetching. Everything needed to fall back is in it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PeerPlan {
+    pub version: u64,
+    /// The signed capability (hex) the asker presents to every peer.
+    pub capability: String,
+    /// The gateway's public key (hex) that signed it.
+    pub capability_key: String,
+    pub expires_in_secs: u64,
+    /// Peers of the zone holding the version whole (first) or fetching it, least loaded first.
+    pub holders: Vec<PeerHolder>,
+    /// The manifest unit first, then every file above the manifest's small-file limit.
+    pub units: Vec<PlanUnit>,
+    /// True when the version has more large files than a plan lists: the rest come from S3.
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PeerHolder {
+    pub peer: crate::peer::PeerId,
+    pub address: String,
+    /// Holds the version whole; else it is fetching it.
+    pub complete: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UnitKind {
+    /// The version's manifest.sqlite (its hash and size, as the manifest download states them).
+    Manifest,
+    /// The content of one or more files.
+    File,
+}
+
+/// One unit: a byte string named by its BLAKE3 hash and length.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PlanUnit {
+    pub kind: UnitKind,
+    pub hash: ContentHash,
+    pub size: u64,
+    /// The peer fetching this unit from S3 for the zone (single flight): ask it and it answers
+    /// once it has the unit. Absent: the asker holds the lease and fetches it from S3 itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetcher: Option<crate::peer::PeerId>,
+    /// The blob-store location of a file unit (for the manifest: the manifest download).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<BlobLocation>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     pub status: String,
