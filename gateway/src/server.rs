@@ -24,6 +24,8 @@ pub struct Inner {
     /// BLAKE3 of the admin token (compared in constant time by `blake3::Hash`'s `Eq`).
     pub admin_token_hash: blake3::Hash,
     pub metrics: PrometheusHandle,
+    /// The capability signing key, loaded from the database on the tracker's first use.
+    pub peer_key: tokio::sync::OnceCell<Arc<ring::signature::Ed25519KeyPair>>,
 }
 
 impl std::ops::Deref for AppState {
@@ -82,6 +84,7 @@ pub async fn build_with_backend(config: Config, backend: Arc<dyn store::BlobBack
         admin_token_hash: blake3::hash(admin_token.as_bytes()),
         metrics: metrics_handle(),
         config,
+        peer_key: tokio::sync::OnceCell::new(),
     })))
 }
 

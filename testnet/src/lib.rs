@@ -38,5 +38,6 @@ pub fn hydrate_options(cache: &std::path::Path) -> podfs_syncd::HydrateOptions {
         progress: false,
         force: false,
         keep_local: false,
+        peers: None,
     }
 }

@@ -22,6 +22,7 @@ mod blobs;
 mod client;
 mod error;
 mod manifests;
+mod peers;
 pub mod retry;
 mod versions;
 mod workspaces;

@@ -13,6 +13,7 @@ pub mod blobs;
 pub mod extract;
 pub mod files;
 pub mod manifests;
+pub mod peers;
 pub mod system;
 pub mod tree;
 pub mod versions;
@@ -46,7 +47,7 @@ use crate::server::AppState;
     paths(files::get_file),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
-    tags((name = "workspaces"), (name = "versions"), (name = "trees"), (name = "files"), (name = "blobs"), (name = "system"))
+    tags((name = "workspaces"), (name = "versions"), (name = "trees"), (name = "files"), (name = "blobs"), (name = "peers"), (name = "system"))
 )]
 struct ApiDoc;
 
@@ -76,6 +77,8 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(tree::history))
         .routes(routes!(blobs::missing))
         .routes(routes!(blobs::locations))
+        .routes(routes!(peers::announce))
+        .routes(routes!(peers::plan))
         .routes(routes!(system::healthz))
         .routes(routes!(system::readyz))
         .routes(routes!(system::metrics))

@@ -23,6 +23,7 @@
 mod blobs;
 mod commit;
 mod manifests;
+mod peers;
 mod sql;
 mod tokens;
 mod tree;
@@ -37,6 +38,12 @@ use sqlx::{AnyPool, Executor};
 
 pub use blobs::{BlobRow, NewPack};
 pub use manifests::ManifestRow;
+pub use peers::{HolderRow, PeerSeat};
+
+/// The current time in unix milliseconds, as the store records times.
+pub fn now_unix_ms() -> i64 {
+    sql::now_ms()
+}
 pub use podfs_protocol::api::{DiffEntry, DiffKind, PathRevision, Right, VersionInfo, Workspace};
 pub use podfs_protocol::{Change, ContentHash, Entry, VersionRef, WsPath};
 

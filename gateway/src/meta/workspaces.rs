@@ -78,6 +78,9 @@ impl MetaStore {
             "DELETE FROM tokens WHERE workspace_id = $1",
             "DELETE FROM entries WHERE workspace_id = $1",
             "DELETE FROM versions WHERE workspace_id = $1",
+            "DELETE FROM peers WHERE workspace_id = $1",
+            "DELETE FROM peer_versions WHERE workspace_id = $1",
+            "DELETE FROM peer_leases WHERE workspace_id = $1",
         ] {
             sqlx::query(sql).bind(id).execute(&mut *tx).await?;
         }

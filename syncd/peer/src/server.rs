@@ -16,7 +16,7 @@ use podfs_protocol::peer::{Capability, PeerId, REQUEST_HEAD, REQUEST_TAIL, Reque
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::shelf::{Shelf, SlotState};
+use crate::shelf::Shelf;
 use crate::tls::remote_id;
 
 /// Limits of one server.
@@ -189,14 +189,14 @@ async fn handle(ctx: &Ctx, requester: PeerId, mut send: quinn::SendStream, mut r
     let Some(slot) = ctx.shelf.slot(&cap.workspace, cap.version, &req.root).filter(|s| s.length == req.length) else {
         return answer(&mut send, Status::Denied, &stats.denied).await;
     };
-    let Some(path) = slot.ready_path(ctx.limits.pending_wait).await else {
+    let Some(copy) = slot.ready_file(ctx.limits.pending_wait).await else {
         return answer(&mut send, Status::NotHeld, &stats.not_held).await;
     };
     // waiting for a pending unit holds no permit: it costs a stream of the requester's few
     let Ok(_permit) = Arc::clone(&ctx.serving).try_acquire_owned() else {
         return answer(&mut send, Status::Busy, &stats.busy).await;
     };
-    let outboard = match slot.outboard(path.clone()).await {
+    let outboard = match slot.outboard(Arc::clone(&copy)).await {
         Ok(o) => o,
         Err(e) => {
             tracing::warn!(unit = %req.root, error = %e, "cannot serve a unit: its copy is unreadable");
@@ -204,8 +204,8 @@ async fn handle(ctx: &Ctx, requester: PeerId, mut send: quinn::SendStream, mut r
             return answer(&mut send, Status::NotHeld, &stats.not_held).await;
         }
     };
-    let file = match iroh_io::File::open(path).await {
-        Ok(f) => f,
+    let file = match copy.try_clone() {
+        Ok(f) => iroh_io::File::from_std(f),
         Err(_) => {
             ctx.shelf.gone(&cap.workspace, cap.version, &req.root);
             return answer(&mut send, Status::NotHeld, &stats.not_held).await;
@@ -245,7 +245,6 @@ async fn handle(ctx: &Ctx, requester: PeerId, mut send: quinn::SendStream, mut r
             }
         }
     }
-    debug_assert!(slot.state() != SlotState::Pending);
 }
 
 /// A stream writer whose every write must progress within `timeout`.

@@ -4,7 +4,9 @@
 //! a single-flight lease answers the peers that asked it while it fetched.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,14 +18,24 @@ use tokio::sync::{OnceCell, watch};
 /// Verified streaming in groups of 16 KiB (2^4 BLAKE3 chunks).
 pub const BLOCK: BlockSize = BlockSize::from_chunk_log(4);
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum SlotState {
     /// This peer is fetching it.
     Pending,
-    /// A verified copy of exactly the unit's bytes.
-    Ready(PathBuf),
+    /// A verified copy of exactly the unit's bytes, open (so that the cache moving or evicting
+    /// the file does not pull it from under a stream; it is released when the slot goes).
+    Ready(Arc<File>),
     /// Not here: the fetch failed, or the copy was evicted or found corrupt.
     Gone,
+}
+
+impl SlotState {
+    pub fn is_pending(&self) -> bool {
+        matches!(self, Self::Pending)
+    }
+    pub fn is_ready(&self) -> bool {
+        matches!(self, Self::Ready(_))
+    }
 }
 
 /// One unit of one version.
@@ -46,32 +58,31 @@ impl Slot {
     }
 
     /// The ready copy, waiting up to `wait` while the unit is pending.
-    pub async fn ready_path(&self, wait: Duration) -> Option<PathBuf> {
+    pub async fn ready_file(&self, wait: Duration) -> Option<Arc<File>> {
         let mut rx = self.state.subscribe();
-        let settled = tokio::time::timeout(wait, rx.wait_for(|s| *s != SlotState::Pending)).await;
+        let settled = tokio::time::timeout(wait, rx.wait_for(|s| !s.is_pending())).await;
         match settled {
             Ok(Ok(s)) => match &*s {
-                SlotState::Ready(p) => Some(p.clone()),
+                SlotState::Ready(f) => Some(Arc::clone(f)),
                 _ => None,
             },
             _ => None,
         }
     }
 
-    /// The outboard of the ready copy at `path` (hashed once, on a blocking thread). An error
+    /// The outboard of the ready copy `file` (hashed once, on a blocking thread). An error
     /// when the copy is not `length` bytes or does not hash to the root (it rotted on disk).
-    pub async fn outboard(&self, path: PathBuf) -> std::io::Result<Arc<PreOrderMemOutboard>> {
+    pub async fn outboard(&self, file: Arc<File>) -> std::io::Result<Arc<PreOrderMemOutboard>> {
         let (root, length) = (self.root, self.length);
         self.outboard
             .get_or_try_init(|| async move {
                 tokio::task::spawn_blocking(move || {
                     use bao_tree::io::sync::CreateOutboard;
-                    let file = std::fs::File::open(&path)?;
                     if file.metadata()?.len() != length {
                         return Err(std::io::Error::other("the copy has another length"));
                     }
                     let ob = PreOrderOutboard::<Vec<u8>>::create_sized(
-                        std::io::BufReader::with_capacity(1 << 20, file),
+                        std::io::BufReader::with_capacity(1 << 20, At { file: &file, pos: 0 }),
                         length,
                         BLOCK,
                     )?;
@@ -105,9 +116,9 @@ impl Shelf {
         }
     }
 
-    /// The verified copy of a unit is at `path`.
-    pub fn ready(&self, ws: &str, version: u64, root: &ContentHash, path: PathBuf) {
-        self.set(ws, version, root, SlotState::Ready(path));
+    /// `file` is a verified copy of a unit.
+    pub fn ready(&self, ws: &str, version: u64, root: &ContentHash, file: File) {
+        self.set(ws, version, root, SlotState::Ready(Arc::new(file)));
     }
 
     /// The unit is not here (its fetch failed; its copy was evicted or corrupt).
@@ -121,7 +132,7 @@ impl Shelf {
         if let Some(slots) = all.get(&(ws.to_string(), version)) {
             for s in slots.values() {
                 s.state.send_if_modified(|st| {
-                    let pending = *st == SlotState::Pending;
+                    let pending = st.is_pending();
                     if pending {
                         *st = SlotState::Gone;
                     }
@@ -144,7 +155,7 @@ impl Shelf {
         let all = self.lock();
         let mut v: Vec<u64> = all
             .iter()
-            .filter(|((w, _), slots)| w == ws && slots.values().all(|s| matches!(s.state(), SlotState::Ready(_))))
+            .filter(|((w, _), slots)| w == ws && slots.values().all(|s| s.state().is_ready()))
             .map(|((_, v), _)| *v)
             .collect();
         v.sort_unstable_by(|a, b| b.cmp(a));
@@ -164,5 +175,19 @@ impl Shelf {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u64), HashMap<ContentHash, Arc<Slot>>>> {
         self.versions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Reads a shared file from the start by position (the file's own offset is left alone).
+struct At<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl Read for At<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }

@@ -47,6 +47,7 @@ pub async fn run(client: &Client, args: PullArgs, out: &mut Output<'_>) -> anyho
             progress: out.progress,
             force: args.force,
             keep_local: false,
+            peers: None,
         };
         let r = hydrate::hydrate(client, &args.target.workspace, args.target.version, &args.dir, opts).await?;
         return out.json_or(&r, |w| {

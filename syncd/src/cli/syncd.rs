@@ -35,6 +35,19 @@ pub struct SyncdArgs {
     /// (paths of head missing from DIR are deleted).
     #[arg(long)]
     pub adopt: bool,
+    /// Serve other devpods of the zone over QUIC (podfs-peer/1) on this UDP address, and take
+    /// a cold start's manifest and large files from them before S3 [default: off]
+    #[arg(long, env = "PODFS_PEER_LISTEN", value_name = "IP:PORT")]
+    pub peer_listen: Option<String>,
+    /// The address other devpods reach this one at [default: the listen address]
+    #[arg(long, env = "PODFS_PEER_ADVERTISE", value_name = "IP:PORT")]
+    pub peer_advertise: Option<String>,
+    /// Peers share only within a zone (a network where they reach each other directly) [default: default]
+    #[arg(long, env = "PODFS_ZONE")]
+    pub zone: Option<String>,
+    /// Serve peers wrong on purpose (testnet): flip, other, truncate, slowloris, stall, overlong
+    #[arg(long, hide = true)]
+    pub peer_hostile: Option<podfs_peer::Hostile>,
     /// TOML file with any of the settings above and `gateway`, `token` (keys as the flags, `_` for `-`)
     #[arg(long, env = "PODFS_SYNCD_CONFIG")]
     pub config: Option<PathBuf>,
@@ -53,6 +66,10 @@ impl SyncdArgs {
             cache_dir: self.cache_dir,
             author: self.author,
             adopt: self.adopt,
+            peer_listen: self.peer_listen,
+            peer_advertise: self.peer_advertise,
+            zone: self.zone,
+            peer_hostile: self.peer_hostile,
             config: self.config,
         }
     }

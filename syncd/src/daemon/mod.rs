@@ -40,11 +40,12 @@ use self::local::{Counts, LocalTree};
 use self::reconcile::Dirty;
 use self::schedule::{MAX_BACKOFF, Schedule};
 pub use self::settings::{Overrides, Settings};
-use self::status::{CommitRecord, DaemonState, Status, Trigger};
+use self::status::{ColdStart, CommitRecord, DaemonState, Status, Trigger};
 use self::watch::{HINT_QUEUE, Hint};
 use crate::local::state::{self, StateDir};
 use crate::transfer::blocking;
 use crate::transfer::hydrate::{self, HydrateOptions};
+use crate::transfer::peers::{self, PeerNode};
 
 /// How long a shutdown waits for the last commit.
 const SHUTDOWN_COMMIT: Duration = Duration::from_secs(15);
@@ -71,7 +72,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         let dir = settings.cache_dir.clone();
         blocking(move || Ok(ContentCache::open(&dir, podfs_cache::DEFAULT_LIMIT)?)).await?
     };
+    let peers = match &settings.peers {
+        Some(p) => Some(PeerNode::start(p.clone(), shutdown.clone())?),
+        None => None,
+    };
+    if let Some(node) = &peers {
+        tokio::spawn(heartbeat(Arc::clone(node), client.clone(), settings.workspace.clone(), shutdown.clone()));
+    }
     let mut d = Daemon {
+        peers,
         status: Status {
             pid: std::process::id(),
             workspace: settings.workspace.clone(),
@@ -101,6 +110,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 }
 
 struct Daemon {
+    /// Serving other devpods, and cold-starting from them.
+    peers: Option<Arc<PeerNode>>,
     client: Client,
     s: Settings,
     local: LocalTree,
@@ -143,10 +154,24 @@ impl Daemon {
         let version = if empty {
             if head > 0 {
                 self.write_status(DaemonState::Hydrating).await;
-                let opts = hydrate_options(&self.s, false);
+                let mut opts = hydrate_options(&self.s, false);
+                opts.peers = self.peers.clone();
                 let s = &self.s;
                 let r = hydrate::hydrate(&self.client, &s.workspace, VersionRef::Number(head), &s.dir, opts).await?;
                 tracing::info!(version = head, files = r.files, secs = r.elapsed_secs, "hydrated");
+                self.status.cold_start = Some(ColdStart {
+                    version: r.version,
+                    seconds: r.elapsed_secs,
+                    files: r.files,
+                    bytes: r.bytes,
+                    sources: r.sources,
+                });
+                if let Some(node) = &self.peers {
+                    // holders of the whole version are served first: say so now, not at the next beat
+                    if let Err(e) = node.announce(&self.client, &s.workspace).await {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot announce the cold-started version");
+                    }
+                }
             }
             head
         } else if let Some(st) = pulled.filter(|st| st.workspace == self.s.workspace) {
@@ -337,6 +362,7 @@ impl Daemon {
         self.status.pending_changes = self.counts.pending;
         self.status.tracked_paths = self.counts.tracked;
         self.status.watched_dirs = self.counts.watched;
+        self.status.peers = self.peers.as_ref().map(|n| n.report());
         let (mut status, dir) = (self.status.clone(), self.s.dir.clone());
         if let Err(e) = blocking(move || status.write(&dir)).await {
             tracing::warn!(error = %format!("{e:#}"), "cannot write the status file");
@@ -388,6 +414,21 @@ fn conflict_message(theirs: u64, paths: &[String], changes: usize) -> String {
     )
 }
 
+/// Announces this daemon to the tracker every few seconds until `shutdown`.
+async fn heartbeat(node: Arc<PeerNode>, client: Client, ws: String, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(peers::HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        if let Err(e) = node.announce(&client, &ws).await {
+            tracing::debug!(error = %format!("{e:#}"), "heartbeat failed");
+        }
+    }
+}
+
 fn hydrate_options(s: &Settings, keep_local: bool) -> HydrateOptions {
     HydrateOptions {
         cache_dir: s.cache_dir.clone(),
@@ -396,6 +437,7 @@ fn hydrate_options(s: &Settings, keep_local: bool) -> HydrateOptions {
         progress: false,
         force: false,
         keep_local,
+        peers: None,
     }
 }
 

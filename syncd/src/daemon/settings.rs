@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 use crate::transfer::hydrate::cache_dir_or_default;
+use crate::transfer::peers::PeerSettings;
 
 pub const DEFAULT_QUIET_MS: u64 = 100;
 pub const DEFAULT_MAX_DELAY_MS: u64 = 1000;
@@ -27,6 +28,10 @@ pub struct Overrides {
     pub cache_dir: Option<PathBuf>,
     pub author: Option<String>,
     pub adopt: bool,
+    pub peer_listen: Option<String>,
+    pub peer_advertise: Option<String>,
+    pub zone: Option<String>,
+    pub peer_hostile: Option<podfs_peer::Hostile>,
     /// The TOML file with any of the settings above (keys as the flags, `_` for `-`).
     pub config: Option<PathBuf>,
 }
@@ -42,6 +47,9 @@ struct FileConfig {
     rescan_secs: Option<u64>,
     cache_dir: Option<PathBuf>,
     author: Option<String>,
+    peer_listen: Option<String>,
+    peer_advertise: Option<String>,
+    zone: Option<String>,
 }
 
 /// Resolved settings.
@@ -57,6 +65,8 @@ pub struct Settings {
     pub cache_dir: PathBuf,
     pub author: String,
     pub adopt: bool,
+    /// Serving peers and taking cold starts from them; `None`: off.
+    pub peers: Option<PeerSettings>,
 }
 
 impl Settings {
@@ -88,8 +98,50 @@ impl Settings {
             cache_dir: cache_dir_or_default(o.cache_dir.or(file.cache_dir))?,
             author: o.author.or(file.author).unwrap_or_else(default_author),
             adopt: o.adopt,
+            peers: peer_settings(
+                o.peer_listen.or(file.peer_listen),
+                o.peer_advertise.or(file.peer_advertise),
+                o.zone.or(file.zone),
+                o.peer_hostile,
+            )?,
         })
     }
+}
+
+fn peer_settings(
+    listen: Option<String>,
+    advertise: Option<String>,
+    zone: Option<String>,
+    hostile: Option<podfs_peer::Hostile>,
+) -> anyhow::Result<Option<PeerSettings>> {
+    let Some(listen) = listen else {
+        if advertise.is_some() {
+            bail!("--peer-advertise needs --peer-listen");
+        }
+        return Ok(None);
+    };
+    let parse = |what: &str, s: &str| -> anyhow::Result<std::net::SocketAddr> {
+        s.parse().with_context(|| format!("bad {what} {s:?}: an IP address and a port, as 10.0.0.5:7070"))
+    };
+    let listen = parse("--peer-listen", &listen)?;
+    let advertise = match advertise {
+        Some(a) => parse("--peer-advertise", &a)?,
+        None if listen.ip().is_unspecified() || listen.port() == 0 => {
+            bail!("--peer-listen {listen} is not an address peers can reach: pass --peer-advertise IP:PORT")
+        }
+        None => listen,
+    };
+    if advertise.ip().is_unspecified() || advertise.port() == 0 {
+        bail!("--peer-advertise {advertise} is not an address peers can reach");
+    }
+    let zone = zone.unwrap_or_else(|| "default".to_string());
+    let zone_ok = !zone.is_empty()
+        && zone.len() <= 64
+        && zone.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if !zone_ok {
+        bail!("bad --zone {zone:?}: 1-64 of [A-Za-z0-9._-]");
+    }
+    Ok(Some(PeerSettings { listen, advertise, zone, hostile }))
 }
 
 fn default_author() -> String {

@@ -33,8 +33,24 @@ pub struct Status {
     /// Paths another writer changed while this daemon had unsaved edits to them; both contents
     /// are versions (theirs at `their_version`, ours at `our_version`).
     pub conflicts: Vec<Conflict>,
+    /// The cold start that filled an empty DIR, when this daemon did one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_start: Option<ColdStart>,
+    /// The peer side, when serving is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<crate::transfer::peers::PeerReport>,
     /// Unix seconds of this status.
     pub updated_at: u64,
+}
+
+/// What the daemon's cold start took.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ColdStart {
+    pub version: u64,
+    pub seconds: f64,
+    pub files: u64,
+    pub bytes: u64,
+    pub sources: crate::transfer::hydrate::Sources,
 }
 
 /// What the daemon is doing.

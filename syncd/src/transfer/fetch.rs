@@ -23,6 +23,7 @@ use podfs_client::{Client, Error as ClientError};
 use podfs_protocol::api::{BlobLocation, MAX_HASH_BATCH};
 use podfs_protocol::{ContentHash, EntryKind, WsPath};
 
+use super::hydrate::Peered;
 use super::plan::Blob;
 use crate::local::write::{self, TempFile};
 
@@ -42,6 +43,15 @@ pub struct RemoteStats {
     pub bytes: AtomicU64,
     /// HTTP requests: blob GETs and location batches.
     pub requests: AtomicU64,
+    /// What came from peers instead (files, content bytes, units).
+    pub peers: PeerStats,
+}
+
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    pub files: AtomicU64,
+    pub bytes: AtomicU64,
+    pub requests: AtomicU64,
 }
 
 /// Everything a download needs: where from, where to, and where to report.
@@ -54,6 +64,8 @@ pub struct Fetcher {
     /// Downloaded content is also added here.
     pub cache: Option<ContentCache>,
     pub stats: RemoteStats,
+    /// A cold start's peers: units of its plan come from them first.
+    pub peers: Option<Peered>,
 }
 
 /// Downloads every blob: locations are fetched one batch at a time as the downloads need them.
@@ -122,6 +134,9 @@ async fn fresh(ctx: &Fetcher, hash: ContentHash, located: Located) -> anyhow::Re
 }
 
 async fn download(ctx: &Arc<Fetcher>, blob: Blob, loc: Located) -> anyhow::Result<()> {
+    if ctx.peers.as_ref().is_some_and(|(_, plan)| plan.units.contains_key(&blob.hash)) {
+        return download_unit(ctx, blob, loc).await;
+    }
     ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
     ctx.stats.files.fetch_add(blob.targets.len() as u64, Ordering::Relaxed);
     ctx.stats.bytes.fetch_add(blob.size, Ordering::Relaxed);
@@ -172,6 +187,35 @@ async fn download_small(ctx: &Arc<Fetcher>, blob: Blob, mut loc: Located) -> any
     Ok(())
 }
 
+/// A unit of a cold start's plan: from peers into a temporary file for the first path, else
+/// from the blob store as any large file. Once its verified copy is in the cache, this daemon
+/// serves it to the zone.
+async fn download_unit(ctx: &Arc<Fetcher>, blob: Blob, loc: Located) -> anyhow::Result<()> {
+    let Some((node, plan)) = ctx.peers.as_ref() else { return download_large(ctx, blob, loc).await };
+    let first = blob.targets[0].clone();
+    if blob.targets.iter().any(|t| t.kind != EntryKind::File) {
+        bail!("{}: a {}-byte symlink cannot be created", first.path, blob.size);
+    }
+    let (temp, file) = {
+        let (root, path) = (Arc::clone(&ctx.root), first.path.clone());
+        tokio::task::spawn_blocking(move || TempFile::create(&root, &path)).await.context("write task failed")??
+    };
+    let mut out = tokio::fs::File::from_std(file.into_std());
+    if node.fetch_unit(plan, blob.hash, &mut out).await {
+        let p = &ctx.stats.peers;
+        p.files.fetch_add(blob.targets.len() as u64, Ordering::Relaxed);
+        p.bytes.fetch_add(blob.size, Ordering::Relaxed);
+        p.requests.fetch_add(1, Ordering::Relaxed);
+        let file = File::from_std(out.into_std().await);
+        return place_large(ctx, blob, temp, file).await;
+    }
+    drop((temp, out));
+    ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.files.fetch_add(blob.targets.len() as u64, Ordering::Relaxed);
+    ctx.stats.bytes.fetch_add(blob.size, Ordering::Relaxed);
+    download_large(ctx, blob, loc).await
+}
+
 /// Streamed: decode into a temporary file for the first path (retrying with a fresh one),
 /// rename it into place, then copy it to the other paths holding the same content.
 async fn download_large(ctx: &Arc<Fetcher>, blob: Blob, mut loc: Located) -> anyhow::Result<()> {
@@ -203,18 +247,32 @@ async fn download_large(ctx: &Arc<Fetcher>, blob: Blob, mut loc: Located) -> any
         }
         // `temp` is dropped here, removing the partial file
     };
+    place_large(ctx, blob, temp, file).await
+}
+
+/// A verified download in `temp`: into the cache (and served to peers when it is a unit of a
+/// cold start), copied to the other paths holding it, and renamed into place.
+async fn place_large(ctx: &Arc<Fetcher>, blob: Blob, temp: TempFile, file: File) -> anyhow::Result<()> {
     let root = Arc::clone(&ctx.root);
     let cache = ctx.cache.clone();
+    let peers = ctx.peers.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         if let Some(cache) = cache {
             let mut verified = root.open(temp.path()).context("cannot reopen a download")?.into_std();
             cache.insert_file(&blob.hash, blob.size, &mut verified)?;
+            if let Some((node, plan)) = peers.filter(|(_, p)| p.units.contains_key(&blob.hash)) {
+                // the cache's copy, never DIR's (which its user may edit)
+                match std::fs::File::open(cache.loose_path(&blob.hash)) {
+                    Ok(f) => node.shelf.ready(&plan.ws, plan.version, &blob.hash, f),
+                    Err(_) => node.shelf.gone(&plan.ws, plan.version, &blob.hash),
+                }
+            }
         }
         // copy from the temporary file, which is readable whatever the final mode
         for t in &blob.targets[1..] {
             write::copy_file(&root, temp.path(), &t.path, t.mode)?;
         }
-        temp.persist(&file, first.mode)
+        temp.persist(&file, blob.targets[0].mode)
     })
     .await
     .context("write task failed")??;

@@ -14,6 +14,7 @@
 
 pub mod fetch;
 pub mod hydrate;
+pub mod peers;
 pub mod plan;
 pub mod progress;
 pub mod pull;

@@ -129,6 +129,7 @@ pub async fn pull(
         bar: progress::bytes_bar(opts.progress, report.downloaded_bytes, "pulling"),
         cache: None,
         stats: RemoteStats::default(),
+        peers: None,
     });
 
     fetch::download_all(&ctx, blobs, opts.concurrency.max(1)).await.with_context(|| {

@@ -15,7 +15,7 @@ use podfs_client::Client;
 use podfs_protocol::VersionRef;
 
 use super::write::{Contents, write_contents};
-use super::{HydrateMode, HydrateOptions, HydrateReport, Sources, blocking, keep_in_cache, tree};
+use super::{HydrateMode, HydrateOptions, HydrateReport, Peered, Sources, blocking, keep_in_cache, tree};
 use crate::local::state::{StateDir, holds_only_state};
 use crate::local::write;
 use crate::transfer::plan::Plan;
@@ -34,12 +34,46 @@ pub(super) async fn fresh(
         blocking(move || open_fresh_root(&dir)).await?
     };
     let result = async {
-        let (v, rows, manifest, cached) = tree(client, ws, version, cache, &mut sources).await?;
+        let peered = match (&opts.peers, version) {
+            (Some(node), VersionRef::Number(n)) => node.plan(client, ws, n).await.map(|p| (Arc::clone(node), p)),
+            _ => None,
+        };
+        let result = fill(client, ws, version, dir, cache, opts, peered.as_ref(), &root, &stage, &stage_name, &mut sources).await;
+        if let Some((node, plan)) = &peered {
+            // whatever this daemon did not end up holding, peers must not wait for
+            node.shelf.settle(ws, plan.version);
+        }
+        result
+    }
+    .await;
+    if result.is_err() {
+        let _ = blocking(move || Ok(root.remove_dir_all(&stage_name)?)).await;
+    }
+    result
+}
+
+/// Plans and writes the tree into the staging directory, then moves it into DIR.
+#[allow(clippy::too_many_arguments)]
+async fn fill(
+    client: &Client,
+    ws: &str,
+    version: VersionRef,
+    dir: &Path,
+    cache: &ContentCache,
+    opts: &HydrateOptions,
+    peered: Option<&Peered>,
+    root: &Arc<Dir>,
+    stage: &Arc<Dir>,
+    stage_name: &Path,
+    sources: &mut Sources,
+) -> anyhow::Result<HydrateReport> {
+    {
+        let (v, rows, manifest, cached) = tree(client, ws, version, cache, peered, sources).await?;
         let plan = Plan::new(rows, &cached).with_context(|| format!("refusing the tree of {ws}@{v}"))?;
         let mut report = HydrateReport::new(ws, v, dir, HydrateMode::Fresh, None);
         report.count(&plan);
         {
-            let (stage, dirs) = (Arc::clone(&stage), plan.dirs.clone());
+            let (stage, dirs) = (Arc::clone(stage), plan.dirs.clone());
             blocking(move || {
                 for d in &dirs {
                     write::create_dir(&stage, &d.path)?;
@@ -55,12 +89,13 @@ pub(super) async fn fresh(
             manifest: manifest.as_ref().map(|m| m.path.to_path_buf()),
             atomic: false,
             total_bytes: report.bytes,
+            peers: peered.cloned(),
         };
-        write_contents(client, ws, &stage, contents, cache, opts, &mut sources).await?;
+        write_contents(client, ws, stage, contents, cache, opts, sources).await?;
         // directories get their modes last, deepest first; then the staged tree moves into DIR
         {
-            let (stage, dirs, root) = (Arc::clone(&stage), plan.dirs, Arc::clone(&root));
-            let (stage_name, dir, ws) = (stage_name.clone(), dir.to_path_buf(), ws.to_string());
+            let (stage, dirs, root) = (Arc::clone(stage), plan.dirs, Arc::clone(root));
+            let (stage_name, dir, ws) = (stage_name.to_path_buf(), dir.to_path_buf(), ws.to_string());
             blocking(move || {
                 for d in dirs.iter().rev() {
                     write::set_mode(&stage, &d.path, d.mode)?;
@@ -76,14 +111,9 @@ pub(super) async fn fresh(
             .await?;
         }
         keep_in_cache(cache, manifest, all_hashes).await?;
-        report.sources = sources;
-        anyhow::Ok(report)
+        report.sources = std::mem::take(sources);
+        Ok(report)
     }
-    .await;
-    if result.is_err() {
-        let _ = blocking(move || Ok(root.remove_dir_all(&stage_name)?)).await;
-    }
-    result
 }
 
 /// Opens DIR (created when missing; empty apart from an old `.podfs`) and makes a fresh

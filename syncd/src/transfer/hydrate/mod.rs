@@ -29,6 +29,7 @@ mod write;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -36,10 +37,11 @@ use podfs_cache::ContentCache;
 use podfs_client::Client;
 use podfs_manifest::{Kind, Reader};
 use podfs_protocol::{ContentHash, Entry, VersionRef};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use self::switch::switch;
 use super::blocking;
+use super::peers::{ColdPlan, PeerNode};
 use super::plan::Plan;
 use crate::local::state::StateDir;
 use crate::validate;
@@ -60,10 +62,12 @@ pub struct HydrateOptions {
     /// listed in [`HydrateReport::kept_local`]); `force` is ignored. What syncd does when
     /// another writer moved head.
     pub keep_local: bool,
+    /// Cold starts ask the tracker for a plan and take units from peers before S3.
+    pub peers: Option<Arc<PeerNode>>,
 }
 
 /// Time and bytes spent on one source of content.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SourceFigures {
     /// Paths written from this source.
     pub files: u64,
@@ -75,11 +79,13 @@ pub struct SourceFigures {
     pub secs: f64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Sources {
     pub manifest: SourceFigures,
     pub cache: SourceFigures,
     pub s3: SourceFigures,
+    /// Units (the manifest, large files) from other devpods.
+    pub peers: SourceFigures,
 }
 
 /// What a hydration did to DIR.
@@ -186,6 +192,7 @@ pub(super) async fn tree(
     ws: &str,
     version: VersionRef,
     cache: &ContentCache,
+    peers: Option<&Peered>,
     sources: &mut Sources,
 ) -> anyhow::Result<(u64, Vec<(Entry, Option<i64>)>, Option<Downloaded>, HashSet<ContentHash>)> {
     let t = Instant::now();
@@ -212,15 +219,19 @@ pub(super) async fn tree(
             }
         }
         if missing * 4 <= all {
+            if let Some((node, plan)) = peers {
+                // this daemon will not hold the manifest: peers waiting for it ask elsewhere
+                node.shelf.gone(ws, plan.version, &plan.manifest.0);
+            }
             (v, entries.into_iter().map(|e| (e, None)).collect(), None, cached)
         } else {
             // too much is missing: one manifest download beats many small ones
-            let (d, rows) = download_full(client, ws, VersionRef::Number(v), cache, sources).await?;
+            let (d, rows) = download_full(client, ws, VersionRef::Number(v), cache, peers, sources).await?;
             (v, rows, Some(d), cached)
         }
     } else {
         // an empty cache holds nothing: no need to ask it
-        let (d, rows) = download_full(client, ws, version, cache, sources).await?;
+        let (d, rows) = download_full(client, ws, version, cache, peers, sources).await?;
         (d.version, rows, Some(d), HashSet::new())
     };
     sources.manifest.secs += t.elapsed().as_secs_f64();
@@ -262,21 +273,78 @@ impl Downloaded {
     }
 }
 
-/// Downloads the whole manifest of `ws@version` and reads its rows (off the runtime).
+/// The peer side of a cold start: this daemon's node and the tracker's plan.
+pub type Peered = (Arc<PeerNode>, Arc<ColdPlan>);
+
+/// Downloads the whole manifest of `ws@version` (from peers first when there is a plan for
+/// that version) and reads its rows (off the runtime).
 async fn download_full(
     client: &Client,
     ws: &str,
     version: VersionRef,
     cache: &ContentCache,
+    peers: Option<&Peered>,
     sources: &mut Sources,
 ) -> anyhow::Result<(Downloaded, Vec<(Entry, Option<i64>)>)> {
-    let d = download(client, ws, version, None, cache, sources).await?;
+    let planned = peers.filter(|(_, p)| version == VersionRef::Number(p.version));
+    let from_peers = match planned {
+        Some((node, plan)) => manifest_from_peers(node, plan, cache, sources).await?,
+        None => None,
+    };
+    let d = match from_peers {
+        Some(d) => d,
+        None => download(client, ws, version, None, cache, sources).await?,
+    };
+    if let Some((node, plan)) = planned {
+        // serve it at once: peers of the zone may be waiting for this very copy
+        match std::fs::File::open(&d.path) {
+            Ok(f) if d.hash == plan.manifest.0 => node.shelf.ready(ws, plan.version, &d.hash, f),
+            _ => node.shelf.gone(ws, plan.version, &plan.manifest.0),
+        }
+    }
     let (d, rows) = blocking(move || {
         let rows = d.rows()?;
         Ok((d, rows))
     })
     .await?;
     Ok((d, rows))
+}
+
+/// The manifest unit of `plan` from peers into the cache's scratch directory, every group
+/// verified against the hash the gateway stated; `None` when no peer could give it.
+async fn manifest_from_peers(
+    node: &PeerNode,
+    plan: &ColdPlan,
+    cache: &ContentCache,
+    sources: &mut Sources,
+) -> anyhow::Result<Option<Downloaded>> {
+    let t = Instant::now();
+    let file = scratch_file(cache).await?;
+    let (file, path) = file.into_parts();
+    let mut out = tokio::fs::File::from_std(file);
+    if !node.fetch_unit(plan, plan.manifest.0, &mut out).await {
+        return Ok(None);
+    }
+    sources.peers.files += 1;
+    sources.peers.bytes += plan.manifest.1;
+    sources.peers.transfer_bytes += plan.manifest.1;
+    sources.peers.requests += 1;
+    sources.peers.secs += t.elapsed().as_secs_f64();
+    Ok(Some(Downloaded { path, hash: plan.manifest.0, version: plan.version, ws: plan.ws.clone() }))
+}
+
+/// A new file in the cache's scratch directory.
+async fn scratch_file(cache: &ContentCache) -> anyhow::Result<tempfile::NamedTempFile> {
+    let tmp = cache.tmp_dir();
+    blocking(move || {
+        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        tempfile::Builder::new()
+            .prefix("manifest-")
+            .suffix(".sqlite")
+            .tempfile_in(&tmp)
+            .with_context(|| format!("cannot create a file in {}", tmp.display()))
+    })
+    .await
 }
 
 /// Downloads a manifest (the changes since `since` when given) into the cache's scratch
@@ -289,16 +357,7 @@ pub(super) async fn download(
     cache: &ContentCache,
     sources: &mut Sources,
 ) -> anyhow::Result<Downloaded> {
-    let tmp = cache.tmp_dir();
-    let file = blocking(move || {
-        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        tempfile::Builder::new()
-            .prefix("manifest-")
-            .suffix(".sqlite")
-            .tempfile_in(&tmp)
-            .with_context(|| format!("cannot create a file in {}", tmp.display()))
-    })
-    .await?;
+    let file = scratch_file(cache).await?;
     let (file, path) = file.into_parts();
     let (_, d) = client
         .download_manifest(ws, version, since, file)

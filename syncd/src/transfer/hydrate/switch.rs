@@ -112,6 +112,7 @@ pub async fn switch(
         manifest: Some(d.path.to_path_buf()),
         atomic: true,
         total_bytes: report.bytes,
+        peers: None,
     };
     write_contents(client, ws, &root, contents, cache, opts, &mut sources).await?;
     {

@@ -16,7 +16,7 @@ use podfs_client::Client;
 use podfs_manifest::Reader;
 use podfs_protocol::{ContentHash, Entry, EntryKind};
 
-use super::{HydrateOptions, Sources};
+use super::{HydrateOptions, Peered, Sources};
 use crate::local::write::{self, TempFile};
 use crate::transfer::fetch::{self, Fetcher, RemoteStats};
 use crate::transfer::plan::{Blob, ByContent, LocalSource, LocalWrite};
@@ -38,6 +38,8 @@ pub(super) struct Contents {
     pub atomic: bool,
     /// Content bytes, for the progress bar.
     pub total_bytes: u64,
+    /// A cold start's peers: its units come from them before the blob store.
+    pub peers: Option<Peered>,
 }
 
 /// Writes every path: local ones (manifest BLOBs, cache) by a few threads, remote ones by
@@ -51,7 +53,7 @@ pub(super) async fn write_contents(
     opts: &HydrateOptions,
     sources: &mut Sources,
 ) -> anyhow::Result<()> {
-    let Contents { local, remote, manifest, atomic, total_bytes } = contents;
+    let Contents { local, remote, manifest, atomic, total_bytes, peers } = contents;
     let bar = progress::bytes_bar(opts.progress, total_bytes, "pulling");
     let ctx = Arc::new(Fetcher {
         client: client.clone(),
@@ -60,6 +62,7 @@ pub(super) async fn write_contents(
         bar: bar.clone(),
         cache: Some(cache.clone()),
         stats: RemoteStats::default(),
+        peers,
     });
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8) * 2;
     let local_job = {
@@ -97,6 +100,11 @@ pub(super) async fn write_contents(
     sources.s3.transfer_bytes += ctx.client.blob_bytes_received() - wire_before;
     sources.s3.requests += ctx.stats.requests.load(Ordering::Relaxed);
     sources.s3.secs += remote_secs;
+    let p = &ctx.stats.peers;
+    sources.peers.files += p.files.load(Ordering::Relaxed);
+    sources.peers.bytes += p.bytes.load(Ordering::Relaxed);
+    sources.peers.transfer_bytes += p.bytes.load(Ordering::Relaxed);
+    sources.peers.requests += p.requests.load(Ordering::Relaxed);
     Ok(())
 }
 
