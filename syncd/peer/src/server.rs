@@ -204,13 +204,7 @@ async fn handle(ctx: &Ctx, requester: PeerId, mut send: quinn::SendStream, mut r
             return answer(&mut send, Status::NotHeld, &stats.not_held).await;
         }
     };
-    let file = match copy.try_clone() {
-        Ok(f) => iroh_io::File::from_std(f),
-        Err(_) => {
-            ctx.shelf.gone(&cap.workspace, cap.version, &req.root);
-            return answer(&mut send, Status::NotHeld, &stats.not_held).await;
-        }
-    };
+    let file = Window { file: copy, start: 0, buf: Bytes::new() };
     stats.streams.fetch_add(1, Ordering::Relaxed);
     if send.write_all(&[Status::Ok as u8]).await.is_err() {
         return;
@@ -301,5 +295,50 @@ impl AsyncStreamWriter for &mut Timed {
     }
     async fn sync(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// Reads a shared copy by position (`pread`: streams of one unit never move each other's
+/// offset), a 1 MiB window at a time on a blocking thread, handing out the 16 KiB groups the
+/// encoder asks for from it.
+struct Window {
+    file: Arc<std::fs::File>,
+    start: u64,
+    buf: Bytes,
+}
+
+const WINDOW: usize = 1 << 20;
+
+impl iroh_io::AsyncSliceReader for Window {
+    async fn read_at(&mut self, offset: u64, len: usize) -> std::io::Result<Bytes> {
+        let inside = offset >= self.start && offset + len as u64 <= self.start + self.buf.len() as u64;
+        if !inside {
+            let file = Arc::clone(&self.file);
+            let want = len.max(WINDOW);
+            let buf = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; want];
+                let mut n = 0;
+                while n < want {
+                    match file.read_at(&mut buf[n..], offset + n as u64)? {
+                        0 => break,
+                        k => n += k,
+                    }
+                }
+                buf.truncate(n);
+                Ok(buf)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            self.start = offset;
+            self.buf = Bytes::from(buf);
+        }
+        let from = (offset - self.start) as usize;
+        let to = (from + len).min(self.buf.len());
+        Ok(self.buf.slice(from.min(to)..to))
+    }
+
+    async fn size(&mut self) -> std::io::Result<u64> {
+        Ok(self.file.metadata()?.len())
     }
 }

@@ -232,3 +232,16 @@ async fn every_hostile_mode_fails_the_source_and_keeps_only_verified_bytes() {
         }
     }
 }
+
+#[tokio::test]
+async fn concurrent_streams_of_one_unit_do_not_disturb_each_other() {
+    let n = net(LEN, Limits::default()).await;
+    let cap = n.good_cap();
+    let offsets = [0, 16 * 1024, 0, 160 * 1024, 0, 1 << 20];
+    let all = futures::future::join_all(offsets.iter().map(|o| n.fetch(&cap, n.root, *o))).await;
+    for ((r, got), o) in all.into_iter().zip(offsets) {
+        assert_eq!(r, Ok(()));
+        assert!(got == n.data[o as usize..], "a stream from {o} got other bytes");
+    }
+    assert_eq!(n.stats.corrupt_copies.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
