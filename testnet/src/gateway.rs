@@ -70,10 +70,20 @@ impl TestGateway {
 
     /// A gateway on `database_url` and `blob_store`, with a fresh temporary data dir.
     pub async fn with_services(database_url: &str, blob_store: &str) -> anyhow::Result<Self> {
+        Self::with_services_at(database_url, blob_store, "127.0.0.1:0".parse()?).await
+    }
+
+    /// The same, listening on `addr` (the testnet's services address).
+    pub async fn with_services_at(
+        database_url: &str,
+        blob_store: &str,
+        addr: std::net::SocketAddr,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut config = Config::embedded(dir.path(), ADMIN_TOKEN)?;
         config.database_url = database_url.to_string();
         config.blob_store = blob_store.to_string();
+        config.listen = addr;
         Self::start_owning(config, Some(dir)).await
     }
 
@@ -101,7 +111,8 @@ impl TestGateway {
     }
 
     /// Starts a gateway with `config` on a free loopback port.
-    pub async fn start(config: Config) -> anyhow::Result<Self> {
+    pub async fn start(mut config: Config) -> anyhow::Result<Self> {
+        config.listen = "127.0.0.1:0".parse()?;
         Self::start_owning(config, None).await
     }
 
@@ -117,7 +128,7 @@ impl TestGateway {
         dir: Option<tempfile::TempDir>,
     ) -> anyhow::Result<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
         config.listen = listener.local_addr()?;
         let state = podfs_gateway::server::build_with_backend(config.clone(), backend).await?;
         let hold = Hold::default();

@@ -13,10 +13,14 @@
 //!   read, overwrite and delete objects.
 //! - [`gateway`]: a gateway served in-process on a loopback port ([`gateway::TestGateway`]).
 //! - [`tree`]: the edge-case test tree and an exact comparison of two trees.
+//! - [`netns`]: a network of devpod namespaces behind a router, links limited with `tc`.
+//! - [`coldstart`]: `podfs-testnet coldstart`, N devpods cold-starting one workspace at once.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod coldstart;
 pub mod gateway;
+pub mod netns;
 pub mod proxy;
 pub mod s3;
 pub mod services;
