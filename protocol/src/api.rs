@@ -487,6 +487,11 @@ pub struct PlanRequest {
     pub zone: String,
     /// `host:port` where the asker serves what it fetches (it becomes a holder).
     pub address: String,
+    /// Peers that failed this asker during this cold start (dead, stalled, or sending bad
+    /// bytes): their leases of this version in the zone are handed out again, and the answer
+    /// names them nowhere. A repeated plan call with this is how a cold start recovers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<crate::peer::PeerId>,
 }
 
 /// Where a cold start gets the units of a version: peers of its zone first, S3 for what no

@@ -46,6 +46,8 @@ pub struct Options {
     pub timeout: Duration,
     /// Where trees and caches go (a tmpfs by default).
     pub work_dir: Option<PathBuf>,
+    /// Where `podfs` and `podfs-s3-delay-proxy` are [default: beside this executable].
+    pub bin_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -88,9 +90,12 @@ pub struct Report {
     pub peers: Vec<PeerResult>,
 }
 
-/// A binary next to this one (`podfs`, `podfs-s3-delay-proxy`).
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let p = std::env::current_exe()?.with_file_name(name);
+/// A binary in `dir`, else next to this one (`podfs`, `podfs-s3-delay-proxy`).
+fn sibling(dir: Option<&Path>, name: &str) -> anyhow::Result<PathBuf> {
+    let p = match dir {
+        Some(d) => d.join(name),
+        None => std::env::current_exe()?.with_file_name(name),
+    };
     if !p.exists() {
         bail!("{} is missing: build the workspace (cargo build --release --workspace)", p.display());
     }
@@ -153,8 +158,8 @@ pub async fn run(o: &Options) -> anyhow::Result<Report> {
         bail!("--hostile needs --mode peers");
     }
     let services = Services::from_env()?;
-    let podfs = sibling("podfs")?;
-    let proxy_bin = sibling("podfs-s3-delay-proxy")?;
+    let podfs = sibling(o.bin_dir.as_deref(), "podfs")?;
+    let proxy_bin = sibling(o.bin_dir.as_deref(), "podfs-s3-delay-proxy")?;
     let work = match &o.work_dir {
         Some(d) => tempfile::tempdir_in(d)?,
         None if Path::new("/dev/shm").is_dir() => tempfile::tempdir_in("/dev/shm")?,
@@ -243,26 +248,28 @@ async fn devpods(
     // one S3-only copy, on the last devpod
     let calib = o.peers + 1;
     proxy_stats(http, proxy, true).await?;
-    let d = start(net, gw, podfs, work, calib, "calibration".into(), None, None)?;
-    let one = finish(vec![d], o.timeout, &expected).await?;
+    let mut d = vec![start(net, gw, podfs, work, calib, "calibration".into(), None, None)?];
+    await_cold(&mut d, o.timeout).await?;
     let (s3_bytes_one_copy, _) = proxy_stats(http, proxy, true).await?;
-    drop(one);
+    let one = stop_and_check(d, &expected).await?;
+    if !one.iter().all(|p| p.tree_equal) {
+        bail!("the S3-only calibration devpod's tree differs from the pushed one");
+    }
 
-    let mut results = Vec::new();
+    // every devpod runs (and serves) until the last cold start is done
     let mut running = Vec::new();
     for i in 1..=o.peers {
         let zone = format!("z{}", (i - 1) % o.zones);
         let hostile = (i <= o.hostile).then(|| o.hostile_mode.clone());
         let peer = (o.mode == Mode::Peers).then_some(zone.as_str());
-        let d = start(net, gw, podfs, work, i, zone.clone(), peer, hostile.as_deref())?;
+        running.push(start(net, gw, podfs, work, i, zone.clone(), peer, hostile.as_deref())?);
         if o.staggered {
-            results.extend(finish(vec![d], o.timeout, &expected).await?);
-        } else {
-            running.push(d);
+            await_cold(&mut running, o.timeout).await?;
         }
     }
-    results.extend(finish(running, o.timeout, &expected).await?);
+    await_cold(&mut running, o.timeout).await?;
     let (s3_bytes_total, s3_requests) = proxy_stats(http, proxy, false).await?;
+    let results = stop_and_check(running, &expected).await?;
     let mut secs: Vec<f64> = results.iter().map(|r| r.seconds).collect();
     secs.sort_by(f64::total_cmp);
     let pct = |p: f64| secs[((secs.len() as f64 * p).ceil() as usize).clamp(1, secs.len()) - 1];
@@ -319,22 +326,15 @@ fn start(
     Ok(Devpod { index: i, zone, hostile: hostile.map(str::to_string), dir, child })
 }
 
-/// Waits for every devpod's cold start, compares its tree, stops it.
-async fn finish(
-    mut pods: Vec<Devpod>,
-    timeout: Duration,
-    expected: &std::collections::BTreeMap<String, crate::tree::Node>,
-) -> anyhow::Result<Vec<PeerResult>> {
+/// Waits until every devpod finished its cold start.
+async fn await_cold(pods: &mut [Devpod], timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
-    let mut out = Vec::new();
-    let mut cold: Vec<Option<serde_json::Value>> = pods.iter().map(|_| None).collect();
-    while cold.iter().any(Option::is_none) {
-        for (p, c) in pods.iter_mut().zip(cold.iter_mut()).filter(|(_, c)| c.is_none()) {
-            if let Some(s) = read_status(&p.dir) {
-                if s.get("cold_start").is_some() {
-                    *c = Some(s);
-                    continue;
-                }
+    let mut cold: Vec<bool> = pods.iter().map(|_| false).collect();
+    while cold.iter().any(|c| !c) {
+        for (p, c) in pods.iter_mut().zip(cold.iter_mut()).filter(|(_, c)| !**c) {
+            if read_status(&p.dir).is_some_and(|s| s.get("cold_start").is_some()) {
+                *c = true;
+                continue;
             }
             if let Ok(Some(status)) = p.child.try_wait() {
                 let log = std::fs::read_to_string(p.dir.join("syncd.log")).unwrap_or_default();
@@ -347,8 +347,19 @@ async fn finish(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    for (mut p, s) in pods.into_iter().zip(cold) {
+    Ok(())
+}
+
+/// Stops every devpod, then compares its tree with the pushed one and reads its figures.
+async fn stop_and_check(
+    pods: Vec<Devpod>,
+    expected: &std::collections::BTreeMap<String, crate::tree::Node>,
+) -> anyhow::Result<Vec<PeerResult>> {
+    let mut out = Vec::new();
+    for p in &pods {
         let _ = std::process::Command::new("kill").arg(p.child.id().to_string()).status();
+    }
+    for mut p in pods {
         let stopped = tokio::task::spawn_blocking(move || {
             let _ = p.child.wait();
             p
@@ -356,7 +367,7 @@ async fn finish(
         .await?;
         let p = stopped;
         // the status a daemon writes as it stops holds its final serving figures
-        let s = read_status(&p.dir).filter(|s| s.get("cold_start").is_some()).or(s).unwrap_or_default();
+        let s = read_status(&p.dir).unwrap_or_default();
         let actual = crate::tree::read_tree(&p.dir.join("tree"))?;
         let mut corrupt = 0u64;
         for (k, v) in expected {

@@ -12,7 +12,8 @@
 //!
 //! Names carry the owning process id (`ptn<pid>-...`): [`sweep`] removes the namespaces, links
 //! and processes of runs whose process is gone, so a crashed run leaves nothing behind for
-//! long, and [`Net`] tears its own down when dropped.
+//! long, and [`Net`] tears its own down when dropped. One network exists at a time on a
+//! machine (a file lock): runs and tests wait for each other.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -27,7 +28,12 @@ pub const MAX_DEVPODS: usize = 250;
 pub struct Net {
     prefix: String,
     pub devpods: usize,
+    /// One network on a machine at a time (they share the addresses): held while it lives.
+    _lock: std::fs::File,
 }
+
+/// The lock every network holds while it exists.
+const LOCK: &str = "/run/podfs-testnet.lock";
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
     run("ip", args)
@@ -80,8 +86,11 @@ impl Net {
         if devpods == 0 || devpods > MAX_DEVPODS {
             bail!("a testnet holds 1 to {MAX_DEVPODS} devpods, not {devpods}");
         }
+        let lock = std::fs::File::create(LOCK).with_context(|| format!("cannot create {LOCK} (it needs root)"))?;
+        // waits while another run (another test, another process) has its network up
+        lock.lock().with_context(|| format!("cannot lock {LOCK}"))?;
         sweep();
-        let net = Self { prefix: format!("ptn{}", std::process::id()), devpods };
+        let net = Self { prefix: format!("ptn{}", std::process::id()), devpods, _lock: lock };
         net.build(devpod_mbit, services_mbit).context("cannot build the test network (it needs root and iproute2)")?;
         Ok(net)
     }

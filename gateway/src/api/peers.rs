@@ -113,6 +113,9 @@ pub async fn plan(
 ) -> Result<Json<PeerPlan>> {
     let ws = caller.workspace(&state, &name, Right::Read).await?;
     check_seat(&req.zone, &req.address)?;
+    if req.exclude.len() > MAX_ANNOUNCED {
+        return Err(Error::BadRequest(format!("at most {MAX_ANNOUNCED} excluded peers")));
+    }
     let v = resolve(&state, &ws, &version).await?;
     let key = signing_key(&state).await?;
     let manifest = state.manifests.get_or_build(&ws, v).await?.row;
@@ -127,7 +130,16 @@ pub async fn plan(
     let seat = PeerSeat { peer: req.peer, zone: &req.zone, address: &req.address, serving: 0 };
     let (holders, fetchers) = state
         .meta
-        .peer_plan(ws.id, v, &seat, &units, ANNOUNCE_TTL_MS.max(lease_ms(manifest.size)), lease_ms, MAX_HOLDERS)
+        .peer_plan(
+            ws.id,
+            v,
+            &seat,
+            &units,
+            &req.exclude,
+            ANNOUNCE_TTL_MS.max(lease_ms(manifest.size)),
+            lease_ms,
+            MAX_HOLDERS,
+        )
         .await?;
     let expires_at_ms = u64::try_from(crate::meta::now_unix_ms()).unwrap_or(0) + CAPABILITY_TTL_MS;
     let capability = Capability { requester: req.peer, workspace: name.clone(), version: v, expires_at_ms };

@@ -116,6 +116,7 @@ impl MetaStore {
         v: u64,
         seat: &PeerSeat<'_>,
         units: &[(ContentHash, u64)],
+        exclude: &[PeerId],
         ttl_ms: i64,
         lease_ms: impl Fn(u64) -> i64,
         max_holders: usize,
@@ -125,6 +126,15 @@ impl MetaStore {
         let me = seat.peer.0.as_bytes().to_vec();
         let mut tx = self.pool.begin().await?;
         upsert_seat(&mut tx, ws_id, seat, now + ttl_ms).await?;
+        for peer in exclude {
+            sqlx::query("DELETE FROM peer_leases WHERE workspace_id = $1 AND version = $2 AND zone = $3 AND peer = $4")
+                .bind(ws_id)
+                .bind(vi)
+                .bind(seat.zone)
+                .bind(peer.0.as_bytes().to_vec())
+                .execute(&mut *tx)
+                .await?;
+        }
         let rows = sqlx::query(
             "SELECT pv.peer, p.address, pv.complete FROM peer_versions pv \
              JOIN peers p ON p.workspace_id = pv.workspace_id AND p.peer = pv.peer \
@@ -140,14 +150,17 @@ impl MetaStore {
         .bind(now)
         .bind(now - REPORT_WINDOW_MS)
         .bind(REPORTS_TO_EXCLUDE)
-        .bind(i64::try_from(max_holders).unwrap_or(i64::MAX))
+        .bind(i64::try_from(max_holders + exclude.len()).unwrap_or(i64::MAX))
         .fetch_all(&mut *tx)
         .await?;
         let mut holders = Vec::with_capacity(rows.len());
         for r in rows {
             let raw: Vec<u8> = r.try_get("peer")?;
             let complete: i64 = r.try_get("complete")?;
-            holders.push(HolderRow { peer: peer_id(&raw)?, address: r.try_get("address")?, complete: complete == 1 });
+            let peer = peer_id(&raw)?;
+            if !exclude.contains(&peer) && holders.len() < max_holders {
+                holders.push(HolderRow { peer, address: r.try_get("address")?, complete: complete == 1 });
+            }
         }
         sqlx::query(
             "INSERT INTO peer_versions (workspace_id, version, peer, complete, expires_at) VALUES ($1, $2, $3, 0, $4) \
@@ -177,18 +190,27 @@ impl MetaStore {
             .execute(&mut *tx)
             .await?;
         }
-        let rows = sqlx::query("SELECT hash, peer FROM peer_leases WHERE workspace_id = $1 AND version = $2 AND zone = $3")
-            .bind(ws_id)
-            .bind(vi)
-            .bind(seat.zone)
-            .fetch_all(&mut *tx)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT l.hash, l.peer, p.address FROM peer_leases l \
+             JOIN peers p ON p.workspace_id = l.workspace_id AND p.peer = l.peer \
+             WHERE l.workspace_id = $1 AND l.version = $2 AND l.zone = $3",
+        )
+        .bind(ws_id)
+        .bind(vi)
+        .bind(seat.zone)
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
         let mut fetchers = HashMap::with_capacity(rows.len());
         for r in rows {
             let (h, p): (Vec<u8>, Vec<u8>) = (r.try_get("hash")?, r.try_get("peer")?);
             let h = ContentHash::from_slice(&h).map_err(|e| MetaError::Inconsistent(format!("stored lease: {e}")))?;
-            fetchers.insert(h, peer_id(&p)?);
+            let peer = peer_id(&p)?;
+            // every fetcher is named among the holders, so that the asker can reach it
+            if peer != seat.peer && !holders.iter().any(|x| x.peer == peer) {
+                holders.push(HolderRow { peer, address: r.try_get("address")?, complete: false });
+            }
+            fetchers.insert(h, peer);
         }
         Ok((holders, fetchers))
     }

@@ -98,27 +98,54 @@ impl std::fmt::Debug for PeerNode {
     }
 }
 
-/// A cold start's plan, as the hydration uses it.
+/// A cold start's plan, as the hydration uses it. Its routes (who holds what) are replaced
+/// when a source fails and the tracker is asked again.
 #[derive(Debug)]
 pub struct ColdPlan {
     pub ws: String,
     pub version: u64,
     capability: Vec<u8>,
+    pub units: HashMap<ContentHash, PlanUnitInfo>,
+    pub manifest: (ContentHash, u64),
+    client: Client,
+    routes: Mutex<Arc<Routes>>,
+    /// Peers that failed this cold start (dead, stalled, bad bytes): excluded from new plans.
+    failed: Mutex<HashSet<PeerId>>,
+    /// One re-plan at a time.
+    replanning: tokio::sync::Mutex<()>,
+}
+
+/// Who to ask, per the latest plan.
+#[derive(Debug, Default)]
+struct Routes {
+    generation: u64,
     /// Holders of the whole version, in the tracker's order.
     complete: Vec<Source>,
     /// Every named peer by id (holders and fetchers).
     addresses: HashMap<PeerId, Source>,
-    pub units: HashMap<ContentHash, PlanUnitInfo>,
-    pub manifest: (ContentHash, u64),
+    /// Per unit, the peer fetching it for the zone; absent: this daemon holds the lease.
+    fetchers: HashMap<ContentHash, PeerId>,
 }
 
 #[derive(Debug, Clone)]
 pub struct PlanUnitInfo {
     pub size: u64,
     pub kind: UnitKind,
-    /// The peer fetching it for the zone; `None`: this daemon holds the lease.
-    pub fetcher: Option<PeerId>,
     pub location: Option<BlobLocation>,
+}
+
+fn routes(p: &podfs_protocol::api::PeerPlan, generation: u64) -> Routes {
+    let mut r = Routes { generation, ..Routes::default() };
+    for h in &p.holders {
+        let Ok(addr) = h.address.parse::<SocketAddr>() else { continue };
+        let s = Source { peer: h.peer, addr };
+        r.addresses.insert(h.peer, s);
+        if h.complete {
+            r.complete.push(s);
+        }
+    }
+    r.fetchers = p.units.iter().filter_map(|u| u.fetcher.map(|f| (u.hash, f))).collect();
+    r
 }
 
 impl PeerNode {
@@ -214,6 +241,7 @@ impl PeerNode {
             peer: self.id,
             zone: self.settings.zone.clone(),
             address: self.settings.advertise.to_string(),
+            exclude: Vec::new(),
         };
         let p = match tokio::time::timeout(PLAN_TIMEOUT, client.peer_plan(ws, version, &req)).await {
             Ok(Ok(p)) => p,
@@ -230,98 +258,160 @@ impl PeerNode {
         if let Ok(k) = hex::decode(&p.capability_key) {
             self.key.set(k);
         }
-        let mut addresses = HashMap::new();
-        let mut complete = Vec::new();
-        for h in &p.holders {
-            let Ok(addr) = h.address.parse::<SocketAddr>() else { continue };
-            let s = Source { peer: h.peer, addr };
-            addresses.insert(h.peer, s);
-            if h.complete {
-                complete.push(s);
-            }
-        }
         let manifest = p.units.iter().find(|u| u.kind == UnitKind::Manifest).map(|u| (u.hash, u.size))?;
         self.shelf.offer(ws, p.version, p.units.iter().map(|u| (u.hash, u.size)));
+        let r = routes(&p, 0);
+        tracing::info!(version = p.version, holders = r.complete.len(), named = r.addresses.len(), "peer plan");
         let units = p
             .units
             .into_iter()
-            .map(|u| {
-                (u.hash, PlanUnitInfo { size: u.size, kind: u.kind, fetcher: u.fetcher, location: u.location })
-            })
+            .map(|u| (u.hash, PlanUnitInfo { size: u.size, kind: u.kind, location: u.location }))
             .collect();
-        tracing::info!(
-            version = p.version,
-            holders = complete.len(),
-            named = addresses.len(),
-            "peer plan"
-        );
-        Some(Arc::new(ColdPlan { ws: ws.to_string(), version: p.version, capability, complete, addresses, units, manifest }))
+        Some(Arc::new(ColdPlan {
+            ws: ws.to_string(),
+            version: p.version,
+            capability,
+            units,
+            manifest,
+            client: client.clone(),
+            routes: Mutex::new(Arc::new(r)),
+            failed: Mutex::default(),
+            replanning: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// Asks the tracker again, excluding every peer that failed this cold start, unless
+    /// another task did since routes of `generation` were read.
+    async fn replan(&self, plan: &ColdPlan, generation: u64) {
+        let _one = plan.replanning.lock().await;
+        if lock(&plan.routes).generation != generation {
+            return;
+        }
+        let req = PlanRequest {
+            peer: self.id,
+            zone: self.settings.zone.clone(),
+            address: self.settings.advertise.to_string(),
+            exclude: lock(&plan.failed).iter().copied().take(16).collect(),
+        };
+        match tokio::time::timeout(PLAN_TIMEOUT, plan.client.peer_plan(&plan.ws, plan.version, &req)).await {
+            Ok(Ok(p)) => {
+                let r = routes(&p, generation + 1);
+                tracing::info!(holders = r.complete.len(), named = r.addresses.len(), "peer plan renewed");
+                *lock(&plan.routes) = Arc::new(r);
+            }
+            _ => {
+                // no tracker: the rest comes from S3; mark the routes tried
+                let mut r = Routes { generation: generation + 1, ..Routes::default() };
+                r.fetchers.clear();
+                *lock(&plan.routes) = Arc::new(r);
+            }
+        }
     }
 
     /// Fetches unit `root` of `plan` from peers into `out` (empty, at offset 0). True when it
     /// holds the whole unit, every byte verified; false when no peer could give it (whatever
-    /// `out` holds then is to be discarded).
+    /// `out` holds then is to be discarded). When the sources of the plan fail, the tracker is
+    /// asked once more (without them) before giving up.
     pub async fn fetch_unit(&self, plan: &ColdPlan, root: ContentHash, out: &mut tokio::fs::File) -> bool {
         let Some(unit) = plan.units.get(&root) else { return false };
-        let mut sources: Vec<(Source, Duration)> = plan.complete.iter().map(|s| (*s, HOLDER_TIMEOUT)).collect();
-        if let Some(f) = unit.fetcher.and_then(|f| plan.addresses.get(&f)) {
-            if !sources.iter().any(|(s, _)| s.peer == f.peer) {
-                // it answers once it fetched the unit from S3: give it that long
-                sources.push((*f, fetch_time(unit.size)));
-            }
-        }
         let mut offset = 0u64;
         let mut tried = false;
-        for (source, first_timeout) in sources {
-            if source.peer == self.id || lock(&self.bad).contains(&source.peer) {
-                continue;
-            }
-            tried = true;
-            let want = Want {
-                capability: &plan.capability,
-                root,
-                length: unit.size,
-                offset,
-                first_timeout,
-                progress_timeout: PROGRESS_TIMEOUT,
-            };
-            match self.connector.fetch(source, &want, out).await {
-                Ok(()) => {
-                    self.figures.units.fetch_add(1, Ordering::Relaxed);
-                    self.figures.bytes.fetch_add(unit.size - offset, Ordering::Relaxed);
-                    return true;
-                }
-                Err(f) => {
-                    self.figures.failures.fetch_add(1, Ordering::Relaxed);
-                    match f.failure {
-                        Failure::Corrupt => {
-                            self.figures.corrupt.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(peer = %source.peer, unit = %root, "a peer sent bytes that failed verification; dropped and reported");
-                            lock(&self.bad).insert(source.peer);
-                            lock(&self.reports).push(source.peer);
-                            self.connector.forget(source.peer).await;
-                        }
-                        Failure::Busy => {
-                            self.figures.busy.fetch_add(1, Ordering::Relaxed);
-                        }
-                        other => tracing::debug!(peer = %source.peer, unit = %root, failure = %other, "peer source failed"),
-                    }
-                    // keep the verified prefix for the next peer
-                    if f.verified_to > offset && out.set_len(f.verified_to).await.is_ok() {
-                        offset = f.verified_to;
-                    } else if out.set_len(offset).await.is_err() {
-                        return false;
-                    }
-                    if out.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
-                        return false;
-                    }
+        for round in 0..2 {
+            let r = Arc::clone(&*lock(&plan.routes));
+            let mut sources: Vec<(Source, Duration)> = r.complete.iter().map(|s| (*s, HOLDER_TIMEOUT)).collect();
+            if let Some(f) = r.fetchers.get(&root).filter(|f| **f != self.id).and_then(|f| r.addresses.get(f)) {
+                if !sources.iter().any(|(s, _)| s.peer == f.peer) {
+                    // it answers once it fetched the unit from S3: give it that long
+                    sources.push((*f, fetch_time(unit.size)));
                 }
             }
+            let mut failed_here = false;
+            for (source, first_timeout) in sources {
+                if source.peer == self.id || lock(&self.bad).contains(&source.peer) {
+                    continue;
+                }
+                if round > 0 && lock(&plan.failed).contains(&source.peer) {
+                    continue;
+                }
+                tried = true;
+                match self.try_source(plan, source, first_timeout, root, unit.size, &mut offset, out).await {
+                    Some(true) => return true,
+                    Some(false) => {
+                        failed_here = true;
+                    }
+                    None => return false,
+                }
+            }
+            if !failed_here || round == 1 {
+                break;
+            }
+            self.replan(plan, r.generation).await;
         }
         if tried {
             self.figures.fallbacks.fetch_add(1, Ordering::Relaxed);
         }
         false
+    }
+
+    /// One source: `Some(true)` the unit is whole in `out`, `Some(false)` it failed (`out`
+    /// holds the verified prefix up to `offset`), `None` the local copy cannot be written.
+    #[allow(clippy::too_many_arguments)]
+    async fn try_source(
+        &self,
+        plan: &ColdPlan,
+        source: Source,
+        first_timeout: Duration,
+        root: ContentHash,
+        length: u64,
+        offset: &mut u64,
+        out: &mut tokio::fs::File,
+    ) -> Option<bool> {
+        let want = Want {
+            capability: &plan.capability,
+            root,
+            length,
+            offset: *offset,
+            first_timeout,
+            progress_timeout: PROGRESS_TIMEOUT,
+        };
+        let f = match self.connector.fetch(source, &want, out).await {
+            Ok(()) => {
+                self.figures.units.fetch_add(1, Ordering::Relaxed);
+                self.figures.bytes.fetch_add(length - *offset, Ordering::Relaxed);
+                return Some(true);
+            }
+            Err(f) => f,
+        };
+        self.figures.failures.fetch_add(1, Ordering::Relaxed);
+        match f.failure {
+            Failure::Corrupt => {
+                self.figures.corrupt.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %source.peer, unit = %root, "a peer sent bytes that failed verification; dropped and reported");
+                lock(&self.bad).insert(source.peer);
+                lock(&self.reports).push(source.peer);
+                lock(&plan.failed).insert(source.peer);
+                self.connector.forget(source.peer).await;
+            }
+            Failure::Busy => {
+                self.figures.busy.fetch_add(1, Ordering::Relaxed);
+            }
+            other => {
+                tracing::debug!(peer = %source.peer, unit = %root, failure = %other, "peer source failed");
+                if !matches!(other, Failure::Denied | Failure::BadRequest) {
+                    lock(&plan.failed).insert(source.peer);
+                }
+            }
+        }
+        // keep the verified prefix for the next peer
+        if f.verified_to > *offset && out.set_len(f.verified_to).await.is_ok() {
+            *offset = f.verified_to;
+        } else if out.set_len(*offset).await.is_err() {
+            return None;
+        }
+        if out.seek(std::io::SeekFrom::Start(*offset)).await.is_err() {
+            return None;
+        }
+        Some(false)
     }
 }
 

@@ -124,6 +124,7 @@ fn main() -> ExitCode {
         services_mbit,
         timeout: Duration::from_secs(timeout_secs),
         work_dir,
+        bin_dir: None,
     };
     match rt.block_on(coldstart::run(&o)) {
         Ok(r) if json => {
