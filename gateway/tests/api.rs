@@ -539,3 +539,74 @@ async fn blob_downloads_are_refused_or_break_off_when_the_stored_blob_is_bad() {
     let err = body.expect_err("a bad large blob breaks off");
     assert!(err.contains("failed verification"), "{err}");
 }
+
+/// The tracker: a plan names the manifest unit with the hash the manifest download states, a
+/// capability the announced key verifies, and refuses bad seats with JSON errors.
+#[tokio::test]
+async fn peer_plans_and_announcements() {
+    let gw = demo().await;
+    let me = ContentHash::of(b"peer one");
+    let plan = gw
+        .json(
+            "POST",
+            "/v1/workspaces/demo/versions/1/plan",
+            Some(ADMIN),
+            json!({"peer": me, "zone": "z", "address": "10.0.0.1:7070"}),
+        )
+        .await;
+    assert_eq!(plan.status, StatusCode::OK, "{}", String::from_utf8_lossy(&plan.body));
+    let plan: podfs_protocol::api::PeerPlan = serde_json::from_slice(&plan.body).expect("a plan");
+    assert_eq!(plan.version, 1);
+    assert!(plan.holders.is_empty());
+    let m = gw.get("/v1/workspaces/demo/versions/1/manifest.sqlite", &[]).await;
+    let stated = m.headers["x-podfs-manifest-hash"].to_str().expect("hash header").to_string();
+    assert_eq!(plan.units[0].kind, podfs_protocol::api::UnitKind::Manifest);
+    assert_eq!(plan.units[0].hash.to_hex(), stated);
+    assert!(plan.units[0].fetcher.is_none(), "the first asker holds the lease");
+    let cap = hex::decode(&plan.capability).expect("hex");
+    let key = hex::decode(&plan.capability_key).expect("hex");
+    let c = podfs_protocol::peer::Capability::verify(&cap, &key, &podfs_protocol::peer::PeerId(me), 1).expect("valid");
+    assert_eq!((c.workspace.as_str(), c.version), ("demo", 1));
+    // an announcement returns the same key; a second asker is sent to the first
+    let a = gw
+        .json(
+            "POST",
+            "/v1/workspaces/demo/peers",
+            Some(ADMIN),
+            json!({"peer": me, "zone": "z", "address": "10.0.0.1:7070", "versions": [1]}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.json()["capability_key"], plan.capability_key.as_str());
+    let other = ContentHash::of(b"peer two");
+    let p2 = gw
+        .json(
+            "POST",
+            "/v1/workspaces/demo/versions/head/plan",
+            Some(ADMIN),
+            json!({"peer": other, "zone": "z", "address": "10.0.0.2:7070"}),
+        )
+        .await
+        .json();
+    assert_eq!(p2["holders"][0]["peer"], me.to_hex());
+    assert_eq!(p2["holders"][0]["complete"], true);
+    for (uri, body) in [
+        ("/v1/workspaces/demo/peers", json!({"peer": me, "zone": "bad zone", "address": "10.0.0.1:7070"})),
+        ("/v1/workspaces/demo/peers", json!({"peer": me, "zone": "z", "address": "0.0.0.0:7070"})),
+        ("/v1/workspaces/demo/peers", json!({"peer": me, "zone": "z", "address": "10.0.0.1:7070", "versions": [9]})),
+        ("/v1/workspaces/demo/peers", json!({"peer": "not-a-hash", "zone": "z", "address": "10.0.0.1:7070"})),
+        ("/v1/workspaces/demo/versions/1/plan", json!({"peer": me, "zone": "z", "address": "localhost"})),
+    ] {
+        let r = gw.json("POST", uri, Some(ADMIN), body.clone()).await;
+        assert_eq!((r.status, r.code().as_str()), (StatusCode::BAD_REQUEST, "bad_request"), "{body}");
+    }
+    let r = gw
+        .json(
+            "POST",
+            "/v1/workspaces/demo/versions/7/plan",
+            Some(ADMIN),
+            json!({"peer": me, "zone": "z", "address": "10.0.0.1:7070"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}

@@ -153,7 +153,13 @@ pub async fn plan(
         location: None,
     });
     for ((hash, size), loc) in large.iter().zip(locations.drain(..)) {
-        plan_units.push(PlanUnit { kind: UnitKind::File, hash: *hash, size: *size, fetcher: fetcher(hash), location: Some(loc) });
+        plan_units.push(PlanUnit {
+            kind: UnitKind::File,
+            hash: *hash,
+            size: *size,
+            fetcher: fetcher(hash),
+            location: Some(loc),
+        });
     }
     metrics::counter!("podfs_peer_plans_total").increment(1);
     Ok(Json(PeerPlan {

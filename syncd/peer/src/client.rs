@@ -109,8 +109,7 @@ impl Connector {
             return Ok(c.clone());
         }
         let config = self.identity.client_config(to.peer).map_err(|_| Failure::Connect)?;
-        let connecting =
-            self.endpoint.connect_with(config, to.addr, SERVER_NAME).map_err(|_| Failure::Connect)?;
+        let connecting = self.endpoint.connect_with(config, to.addr, SERVER_NAME).map_err(|_| Failure::Connect)?;
         let conn = match tokio::time::timeout(self.connect_timeout, connecting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -134,12 +133,8 @@ impl Connector {
             .await
             .map_err(|_| failed(Failure::Stalled, verified_to))?
             .map_err(|_| failed(Failure::Broken, verified_to))?;
-        let req = Request {
-            capability: want.capability.to_vec(),
-            root: want.root,
-            length: want.length,
-            offset: want.offset,
-        };
+        let req =
+            Request { capability: want.capability.to_vec(), root: want.root, length: want.length, offset: want.offset };
         send.write_all(&req.encode()).await.map_err(|_| failed(Failure::Broken, verified_to))?;
         let _ = send.finish();
         let mut status = [0u8];

@@ -122,8 +122,7 @@ pub async fn serve(
     stats: Arc<ServeStats>,
     shutdown: CancellationToken,
 ) {
-    let ctx =
-        Arc::new(Ctx { shelf, key, limits, serving: Arc::new(Semaphore::new(limits.max_serving)), stats });
+    let ctx = Arc::new(Ctx { shelf, key, limits, serving: Arc::new(Semaphore::new(limits.max_serving)), stats });
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,

@@ -38,7 +38,9 @@ pub(super) async fn fresh(
             (Some(node), VersionRef::Number(n)) => node.plan(client, ws, n).await.map(|p| (Arc::clone(node), p)),
             _ => None,
         };
-        let result = fill(client, ws, version, dir, cache, opts, peered.as_ref(), &root, &stage, &stage_name, &mut sources).await;
+        let result =
+            fill(client, ws, version, dir, cache, opts, peered.as_ref(), &root, &stage, &stage_name, &mut sources)
+                .await;
         if let Some((node, plan)) = &peered {
             // whatever this daemon did not end up holding, peers must not wait for
             node.shelf.settle(ws, plan.version);
