@@ -18,7 +18,7 @@ use super::auth::Caller;
 use super::extract::{ApiJson, ApiPath, VersionPath, WorkspacePath};
 use super::versions::resolve;
 use crate::error::{Error, Result};
-use crate::meta::PeerSeat;
+use crate::meta::{PeerSeat, PlanTerms};
 use crate::server::AppState;
 
 /// An announcement lives this long: about three missed heartbeats of a daemon.
@@ -136,9 +136,7 @@ pub async fn plan(
             &seat,
             &units,
             &req.exclude,
-            ANNOUNCE_TTL_MS.max(lease_ms(manifest.size)),
-            lease_ms,
-            MAX_HOLDERS,
+            &PlanTerms { ttl_ms: ANNOUNCE_TTL_MS.max(lease_ms(manifest.size)), lease_ms, max_holders: MAX_HOLDERS },
         )
         .await?;
     let expires_at_ms = u64::try_from(crate::meta::now_unix_ms()).unwrap_or(0) + CAPABILITY_TTL_MS;

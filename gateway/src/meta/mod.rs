@@ -38,7 +38,7 @@ use sqlx::{AnyPool, Executor};
 
 pub use blobs::{BlobRow, NewPack};
 pub use manifests::ManifestRow;
-pub use peers::{HolderRow, PeerSeat};
+pub use peers::{HolderRow, PeerSeat, PlanTerms};
 
 /// The current time in unix milliseconds, as the store records times.
 pub fn now_unix_ms() -> i64 {

@@ -28,6 +28,16 @@ pub struct PeerSeat<'a> {
     pub serving: u64,
 }
 
+/// How long what a plan records lasts, and how many holders it names.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanTerms {
+    /// The asker is recorded as fetching the version for this long.
+    pub ttl_ms: i64,
+    /// A lease on a unit of this size lasts this long.
+    pub lease_ms: fn(u64) -> i64,
+    pub max_holders: usize,
+}
+
 /// A peer reported by this many requesters (within [`REPORT_WINDOW_MS`]) is handed out no more.
 pub const REPORTS_TO_EXCLUDE: i64 = 2;
 pub const REPORT_WINDOW_MS: i64 = 10 * 60 * 1000;
@@ -105,8 +115,8 @@ impl MetaStore {
         Ok(())
     }
 
-    /// A cold start of `v` by `seat`: records it as fetching `v` (for `ttl_ms`), returns up to
-    /// `max_holders` other peers of its zone holding or fetching `v` (whole first, least loaded
+    /// A cold start of `v` by `seat`: records it as fetching `v` (for `ttl_ms`), releases the
+    /// leases of the `exclude`d peers, returns up to `max_holders` other peers of its zone holding or fetching `v` (whole first, least loaded
     /// first, none reported by several requesters), and for each unit the peer that fetches it
     /// from S3 for the zone. A unit without a live lease is leased to the asker (for the time
     /// `lease_ms` gives its size), so its fetcher is the asker itself.
@@ -117,10 +127,9 @@ impl MetaStore {
         seat: &PeerSeat<'_>,
         units: &[(ContentHash, u64)],
         exclude: &[PeerId],
-        ttl_ms: i64,
-        lease_ms: impl Fn(u64) -> i64,
-        max_holders: usize,
+        terms: &PlanTerms,
     ) -> Result<(Vec<HolderRow>, HashMap<ContentHash, PeerId>), MetaError> {
+        let PlanTerms { ttl_ms, lease_ms, max_holders } = *terms;
         let now = now_ms();
         let vi = version_i64(v)?;
         let me = seat.peer.0.as_bytes().to_vec();

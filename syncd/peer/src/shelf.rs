@@ -99,10 +99,13 @@ impl Slot {
     }
 }
 
+/// The units of one version, by root.
+type Units = HashMap<ContentHash, Arc<Slot>>;
+
 /// Versions this peer serves, keyed by workspace name and version.
 #[derive(Debug, Default)]
 pub struct Shelf {
-    versions: Mutex<HashMap<(String, u64), HashMap<ContentHash, Arc<Slot>>>>,
+    versions: Mutex<HashMap<(String, u64), Units>>,
 }
 
 impl Shelf {
@@ -173,7 +176,7 @@ impl Shelf {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u64), HashMap<ContentHash, Arc<Slot>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u64), Units>> {
         self.versions.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -319,11 +319,10 @@ impl PeerNode {
         for round in 0..2 {
             let r = Arc::clone(&*lock(&plan.routes));
             let mut sources: Vec<(Source, Duration)> = r.complete.iter().map(|s| (*s, HOLDER_TIMEOUT)).collect();
-            if let Some(f) = r.fetchers.get(&root).filter(|f| **f != self.id).and_then(|f| r.addresses.get(f)) {
-                if !sources.iter().any(|(s, _)| s.peer == f.peer) {
-                    // it answers once it fetched the unit from S3: give it that long
-                    sources.push((*f, fetch_time(unit.size)));
-                }
+            let fetcher = r.fetchers.get(&root).filter(|f| **f != self.id).and_then(|f| r.addresses.get(f));
+            if let Some(f) = fetcher.filter(|f| !sources.iter().any(|(s, _)| s.peer == f.peer)) {
+                // it answers once it fetched the unit from S3: give it that long
+                sources.push((*f, fetch_time(unit.size)));
             }
             let mut failed_here = false;
             for (source, first_timeout) in sources {
