@@ -59,7 +59,8 @@ async fn three_devpods_cost_about_one_copy_of_s3_egress_with_peers_and_three_wit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_peers_corrupt_nothing_and_every_cold_start_finishes() {
-    for mode in ["flip", "other", "truncate", "stall", "overlong"] {
+    // "exit": the holder dies halfway through serving a unit
+    for mode in ["flip", "other", "truncate", "stall", "overlong", "exit"] {
         let mut o = options(3, Mode::Peers);
         o.hostile = 1;
         o.hostile_mode = mode.into();

@@ -50,6 +50,8 @@ pub enum Hostile {
     Stall,
     /// The whole unit, then garbage as if it were longer.
     Overlong,
+    /// The process dies halfway through a unit (a devpod killed while serving).
+    Exit,
 }
 
 impl std::str::FromStr for Hostile {
@@ -62,7 +64,12 @@ impl std::str::FromStr for Hostile {
             "slowloris" => Self::Slowloris,
             "stall" => Self::Stall,
             "overlong" => Self::Overlong,
-            _ => return Err(format!("unknown hostile mode {s:?}: flip, other, truncate, slowloris, stall, overlong")),
+            "exit" => Self::Exit,
+            _ => {
+                return Err(format!(
+                    "unknown hostile mode {s:?}: flip, other, truncate, slowloris, stall, overlong, exit"
+                ));
+            }
         })
     }
 }
@@ -269,6 +276,11 @@ impl Timed {
                 return Err(std::io::Error::other("hostile: truncated"));
             }
             Some(Hostile::Truncate) => data,
+            Some(Hostile::Exit) if self.written >= self.half => {
+                tracing::warn!("hostile: exiting halfway through a unit");
+                std::process::exit(9);
+            }
+            Some(Hostile::Exit) => data,
             Some(Hostile::Slowloris) => {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 data

@@ -45,7 +45,7 @@ pub struct SyncdArgs {
     /// Peers share only within a zone (a network where they reach each other directly) [default: default]
     #[arg(long, env = "PODFS_ZONE")]
     pub zone: Option<String>,
-    /// Serve peers wrong on purpose (testnet): flip, other, truncate, slowloris, stall, overlong
+    /// Serve peers wrong on purpose (testnet): flip, other, truncate, slowloris, stall, overlong, exit
     #[arg(long, hide = true)]
     pub peer_hostile: Option<podfs_peer::Hostile>,
     /// TOML file with any of the settings above and `gateway`, `token` (keys as the flags, `_` for `-`)

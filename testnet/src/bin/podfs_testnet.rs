@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! podfs-testnet coldstart --peers N --files F --s3-delay-ms D --mode peers|s3 \
-//!     [--hostile K [--hostile-mode flip|other|truncate|slowloris|stall|overlong]] [--zones Z] \
+//!     [--hostile K [--hostile-mode flip|other|truncate|slowloris|stall|overlong|exit]] [--zones Z] \
 //!     [--staggered] [--json]
 //! ```
 
