@@ -48,6 +48,9 @@ pub struct Options {
     pub work_dir: Option<PathBuf>,
     /// Where `podfs` and `podfs-s3-delay-proxy` are [default: beside this executable].
     pub bin_dir: Option<PathBuf>,
+    /// Take the tracker down (its tables vanish from the database, so every announcement and
+    /// plan fails) once this many devpods finished their cold start.
+    pub tracker_down_after: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -197,7 +200,7 @@ async fn scenario(
         wait_for(|| async { proxy_stats(&http, proxy_addr, false).await.is_ok() }, Duration::from_secs(10)).await?;
         let store = store_url_with_endpoint(&fresh_s3_prefix(&services.s3.store_url), &format!("http://{proxy_addr}"))?;
         let gw = TestGateway::with_services_at(db_url, &store, SocketAddr::from((Net::HOST, 0))).await?;
-        let r = devpods(o, net, &gw, &http, proxy_addr, podfs, work).await;
+        let r = devpods(o, net, &gw, &http, proxy_addr, podfs, work, db_url).await;
         let _ = gw.stop().await;
         r
     }
@@ -207,6 +210,7 @@ async fn scenario(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn devpods(
     o: &Options,
     net: &Net,
@@ -215,6 +219,7 @@ async fn devpods(
     proxy: SocketAddr,
     podfs: &Path,
     work: &Path,
+    db_url: &str,
 ) -> anyhow::Result<Report> {
     let client = gw.client();
     client.create_workspace(WORKSPACE).await?;
@@ -259,6 +264,9 @@ async fn devpods(
     // every devpod runs (and serves) until the last cold start is done
     let mut running = Vec::new();
     for i in 1..=o.peers {
+        if o.tracker_down_after == Some(i - 1) {
+            tracker_down(db_url).await?;
+        }
         let zone = format!("z{}", (i - 1) % o.zones);
         let hostile = (i <= o.hostile).then(|| o.hostile_mode.clone());
         let peer = (o.mode == Mode::Peers).then_some(zone.as_str());
@@ -291,6 +299,14 @@ async fn devpods(
         seconds_max: secs.last().copied().unwrap_or(0.0),
         peers: results,
     })
+}
+
+/// Breaks the tracker: its table of versions held disappears, so announcements and plans fail.
+async fn tracker_down(db_url: &str) -> anyhow::Result<()> {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(db_url).await?;
+    sqlx::raw_sql("ALTER TABLE peer_versions RENAME TO peer_versions_down").execute(&mut c).await?;
+    Ok(())
 }
 
 /// Starts devpod `i`'s syncd into an empty directory.

@@ -26,6 +26,7 @@ fn options(peers: usize, mode: Mode) -> Options {
         timeout: Duration::from_secs(120),
         work_dir: None,
         bin_dir: Some(bin_dir()),
+        tracker_down_after: None,
     }
 }
 
@@ -81,4 +82,18 @@ async fn hostile_peers_corrupt_nothing_and_every_cold_start_finishes() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_tracker_down_cold_starts_run_from_s3() {
+    // the first devpod cold-starts with peers on; then the tracker breaks (its tables vanish);
+    // the next ones plan in vain, each takes a copy from S3, and every tree is exact
+    let mut o = options(3, Mode::Peers);
+    o.staggered = true;
+    o.tracker_down_after = Some(1);
+    let r = run(o).await;
+    check_trees(&r);
+    let ratio = r.s3_bytes_total as f64 / r.s3_bytes_one_copy as f64;
+    assert!(ratio >= 2.9, "{ratio:.2}x: {r:#?}");
+    assert!(r.peers.iter().all(|p| p.bytes_from_s3 > 0 && p.bytes_from_peers == 0), "{r:#?}");
 }

@@ -125,6 +125,7 @@ fn main() -> ExitCode {
         timeout: Duration::from_secs(timeout_secs),
         work_dir,
         bin_dir: None,
+        tracker_down_after: None,
     };
     match rt.block_on(coldstart::run(&o)) {
         Ok(r) if json => {
