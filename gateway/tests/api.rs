@@ -561,7 +561,9 @@ async fn peer_plans_and_announcements() {
     let m = gw.get("/v1/workspaces/demo/versions/1/manifest.sqlite", &[]).await;
     let stated = m.headers["x-podfs-manifest-hash"].to_str().expect("hash header").to_string();
     assert_eq!(plan.units[0].kind, podfs_protocol::api::UnitKind::Manifest);
-    assert_eq!(plan.units[0].hash.to_hex(), stated);
+    assert_eq!(plan.units[0].file_hash.map(|h| h.to_hex()), Some(stated));
+    assert_eq!(plan.units[0].hash, ContentHash::of(&m.body), "the unit is the frame the download sends");
+    assert_eq!(plan.units[0].size, m.body.len() as u64);
     assert!(plan.units[0].fetcher.is_none(), "the first asker holds the lease");
     let cap = hex::decode(&plan.capability).expect("hex");
     let key = hex::decode(&plan.capability_key).expect("hex");

@@ -523,7 +523,8 @@ pub struct PeerHolder {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum UnitKind {
-    /// The version's manifest.sqlite (its hash and size, as the manifest download states them).
+    /// The version's manifest.sqlite in its stored transfer form (one zstd frame: the bytes the
+    /// manifest download sends).
     Manifest,
     /// The content of one or more files.
     File,
@@ -542,6 +543,12 @@ pub struct PlanUnit {
     /// The blob-store location of a file unit (for the manifest: the manifest download).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<BlobLocation>,
+    /// For the manifest, whose unit is its stored zstd frame: BLAKE3 and length of the SQLite
+    /// file it decompresses to (the `x-podfs-manifest-hash` and `-size` of the download).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_hash: Option<ContentHash>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_size: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -43,18 +43,36 @@ impl Client {
         since: Option<u64>,
         out: std::fs::File,
     ) -> Result<(std::fs::File, ManifestDownload)> {
+        let (out, _, d) = self.download_manifest_framed(ws, v, since, out, None).await?;
+        Ok((out, d))
+    }
+
+    /// [`Self::download_manifest`], also keeping the transfer frame as received in `frame`
+    /// (the bytes whose BLAKE3 the gateway checked against the stored frame as they passed: a
+    /// peer serves them to the devpods of its zone).
+    pub async fn download_manifest_framed(
+        &self,
+        ws: &str,
+        v: VersionRef,
+        since: Option<u64>,
+        out: std::fs::File,
+        frame: Option<std::fs::File>,
+    ) -> Result<(std::fs::File, Option<std::fs::File>, ManifestDownload)> {
         let policy = *self.retry_policy();
-        let mut out = out;
+        let (mut out, mut frame) = (out, frame);
         let mut attempt = 1;
         loop {
-            match self.download_manifest_once(ws, v, since, out.try_clone()?).await {
-                Ok(d) => return Ok((out, d)),
+            let frame_copy = frame.as_ref().map(std::fs::File::try_clone).transpose()?;
+            match self.download_manifest_once(ws, v, since, out.try_clone()?, frame_copy).await {
+                Ok(d) => return Ok((out, frame, d)),
                 Err(e) if e.is_retryable() && attempt < policy.max_attempts => {
                     tracing::debug!(workspace = ws, %v, attempt, error = %e, "retrying manifest download");
                     tokio::time::sleep(policy.jittered_backoff(attempt)).await;
                     attempt += 1;
-                    out.set_len(0)?;
-                    io::Seek::rewind(&mut out)?;
+                    for f in std::iter::once(&mut out).chain(frame.as_mut()) {
+                        f.set_len(0)?;
+                        io::Seek::rewind(f)?;
+                    }
                 }
                 Err(e) => return Err(e),
             }
@@ -67,6 +85,7 @@ impl Client {
         v: VersionRef,
         since: Option<u64>,
         out: std::fs::File,
+        frame: Option<std::fs::File>,
     ) -> Result<ManifestDownload> {
         let vs = v.to_string();
         let mut url = self.url(["v1", "workspaces", ws, "versions", &vs, "manifest.sqlite"]);
@@ -108,9 +127,18 @@ impl Client {
         let reader = CancellableRead { inner: SyncIoBridge::new(StreamReader::new(stream)), cancelled };
         tokio::task::spawn_blocking(move || {
             let mut sink = BufWriter::with_capacity(STREAM_BUF, out);
-            let r =
-                frame::decompress_verified(io::BufReader::with_capacity(STREAM_BUF, reader), &hash, size, &mut sink)
-                    .and_then(|()| Ok(sink.flush()?));
+            let copy = frame.map(|f| BufWriter::with_capacity(STREAM_BUF, f));
+            let mut src = io::BufReader::with_capacity(STREAM_BUF, Tee { inner: reader, copy });
+            let r = frame::decompress_verified(&mut src, &hash, size, &mut sink)
+                .and_then(|()| {
+                    // the rest of the body (past what the decoder needed) belongs to the frame
+                    io::copy(&mut src, &mut io::sink())?;
+                    if let Some(mut k) = src.into_inner().copy {
+                        k.flush()?;
+                    }
+                    Ok(())
+                })
+                .and_then(|()| Ok(sink.flush()?));
             match r {
                 Ok(()) => Ok(()),
                 Err(FrameError::Io(e)) => Err(Error::Io(e)),
@@ -121,5 +149,21 @@ impl Client {
         .map_err(|e| Error::Io(io::Error::other(format!("download task failed: {e}"))))??;
         let transfer_bytes = counted.load(std::sync::atomic::Ordering::Relaxed);
         Ok(ManifestDownload { version, base, hash, size, transfer_bytes })
+    }
+}
+
+/// Reads from `inner`, writing a copy of every byte read to `copy`.
+struct Tee<R> {
+    inner: R,
+    copy: Option<BufWriter<std::fs::File>>,
+}
+
+impl<R: io::Read> io::Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(c) = self.copy.as_mut() {
+            c.write_all(&buf[..n])?;
+        }
+        Ok(n)
     }
 }

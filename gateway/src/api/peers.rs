@@ -125,7 +125,7 @@ pub async fn plan(
     let hashes: Vec<_> = large.iter().map(|(h, _)| *h).collect();
     let mut locations = state.blobs.locations(&hashes, |h| format!("/v1/workspaces/{name}/blobs/{h}")).await?;
     let mut units = Vec::with_capacity(large.len() + 1);
-    units.push((manifest.hash, manifest.size));
+    units.push((manifest.stored_hash, manifest.stored_size));
     units.extend(large.iter().copied());
     let seat = PeerSeat { peer: req.peer, zone: &req.zone, address: &req.address, serving: 0 };
     let (holders, fetchers) = state
@@ -136,7 +136,11 @@ pub async fn plan(
             &seat,
             &units,
             &req.exclude,
-            &PlanTerms { ttl_ms: ANNOUNCE_TTL_MS.max(lease_ms(manifest.size)), lease_ms, max_holders: MAX_HOLDERS },
+            &PlanTerms {
+                ttl_ms: ANNOUNCE_TTL_MS.max(lease_ms(manifest.stored_size)),
+                lease_ms,
+                max_holders: MAX_HOLDERS,
+            },
         )
         .await?;
     let expires_at_ms = u64::try_from(crate::meta::now_unix_ms()).unwrap_or(0) + CAPABILITY_TTL_MS;
@@ -145,10 +149,12 @@ pub async fn plan(
     let mut plan_units = Vec::with_capacity(units.len());
     plan_units.push(PlanUnit {
         kind: UnitKind::Manifest,
-        hash: manifest.hash,
-        size: manifest.size,
-        fetcher: fetcher(&manifest.hash),
+        hash: manifest.stored_hash,
+        size: manifest.stored_size,
+        fetcher: fetcher(&manifest.stored_hash),
         location: None,
+        file_hash: Some(manifest.hash),
+        file_size: Some(manifest.size),
     });
     for ((hash, size), loc) in large.iter().zip(locations.drain(..)) {
         plan_units.push(PlanUnit {
@@ -157,6 +163,8 @@ pub async fn plan(
             size: *size,
             fetcher: fetcher(hash),
             location: Some(loc),
+            file_hash: None,
+            file_size: None,
         });
     }
     metrics::counter!("podfs_peer_plans_total").increment(1);

@@ -89,6 +89,8 @@ impl Default for Limits {
 /// What a server did, for `--json` and the status file.
 #[derive(Debug, Default)]
 pub struct ServeStats {
+    /// Streams being served now (the load a heartbeat reports).
+    pub serving: AtomicU64,
     pub streams: AtomicU64,
     pub bytes_served: AtomicU64,
     pub busy: AtomicU64,
@@ -202,6 +204,7 @@ async fn handle(ctx: &Ctx, requester: PeerId, mut send: quinn::SendStream, mut r
     let Ok(_permit) = Arc::clone(&ctx.serving).try_acquire_owned() else {
         return answer(&mut send, Status::Busy, &stats.busy).await;
     };
+    let _load = Load::new(&stats.serving);
     let outboard = match slot.outboard(Arc::clone(&copy)).await {
         Ok(o) => o,
         Err(e) => {
@@ -351,5 +354,21 @@ impl iroh_io::AsyncSliceReader for Window {
 
     async fn size(&mut self) -> std::io::Result<u64> {
         Ok(self.file.metadata()?.len())
+    }
+}
+
+/// Counts a stream as served while it lives.
+struct Load<'a>(&'a AtomicU64);
+
+impl<'a> Load<'a> {
+    fn new(n: &'a AtomicU64) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for Load<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

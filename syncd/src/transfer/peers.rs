@@ -106,7 +106,7 @@ pub struct ColdPlan {
     pub version: u64,
     capability: Vec<u8>,
     pub units: HashMap<ContentHash, PlanUnitInfo>,
-    pub manifest: (ContentHash, u64),
+    pub manifest: ManifestUnit,
     client: Client,
     routes: Mutex<Arc<Routes>>,
     /// Peers that failed this cold start (dead, stalled, bad bytes): excluded from new plans.
@@ -125,6 +125,15 @@ struct Routes {
     addresses: HashMap<PeerId, Source>,
     /// Per unit, the peer fetching it for the zone; absent: this daemon holds the lease.
     fetchers: HashMap<ContentHash, PeerId>,
+}
+
+/// The manifest's unit: its stored frame, and the SQLite file it decompresses to.
+#[derive(Debug, Clone, Copy)]
+pub struct ManifestUnit {
+    pub root: ContentHash,
+    pub size: u64,
+    pub file_hash: ContentHash,
+    pub file_size: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -215,7 +224,7 @@ impl PeerNode {
             peer: self.id,
             zone: self.settings.zone.clone(),
             address: self.settings.advertise.to_string(),
-            serving: 0,
+            serving: u32::try_from(self.serve_stats.serving.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
             versions,
             reports: reports.clone(),
         };
@@ -258,7 +267,9 @@ impl PeerNode {
         if let Ok(k) = hex::decode(&p.capability_key) {
             self.key.set(k);
         }
-        let manifest = p.units.iter().find(|u| u.kind == UnitKind::Manifest).map(|u| (u.hash, u.size))?;
+        let manifest = p.units.iter().find(|u| u.kind == UnitKind::Manifest).and_then(|u| {
+            Some(ManifestUnit { root: u.hash, size: u.size, file_hash: u.file_hash?, file_size: u.file_size? })
+        })?;
         self.shelf.offer(ws, p.version, p.units.iter().map(|u| (u.hash, u.size)));
         let r = routes(&p, 0);
         tracing::info!(version = p.version, holders = r.complete.len(), named = r.addresses.len(), "peer plan");

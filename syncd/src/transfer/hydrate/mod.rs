@@ -221,7 +221,7 @@ pub(super) async fn tree(
         if missing * 4 <= all {
             if let Some((node, plan)) = peers {
                 // this daemon will not hold the manifest: peers waiting for it ask elsewhere
-                node.shelf.gone(ws, plan.version, &plan.manifest.0);
+                node.shelf.gone(ws, plan.version, &plan.manifest.root);
             }
             (v, entries.into_iter().map(|e| (e, None)).collect(), None, cached)
         } else {
@@ -291,15 +291,15 @@ async fn download_full(
         Some((node, plan)) => manifest_from_peers(node, plan, cache, sources).await?,
         None => None,
     };
-    let d = match from_peers {
-        Some(d) => d,
-        None => download(client, ws, version, None, cache, sources).await?,
+    let (d, frame) = match from_peers {
+        Some((d, frame)) => (d, Some(frame)),
+        None => download_framed(client, ws, version, None, cache, sources, planned.is_some()).await?,
     };
     if let Some((node, plan)) = planned {
-        // serve it at once: peers of the zone may be waiting for this very copy
-        match std::fs::File::open(&d.path) {
-            Ok(f) if d.hash == plan.manifest.0 => node.shelf.ready(ws, plan.version, &d.hash, f),
-            _ => node.shelf.gone(ws, plan.version, &plan.manifest.0),
+        // serve the frame at once: peers of the zone may be waiting for this very copy
+        match frame {
+            Some(f) if d.hash == plan.manifest.file_hash => node.shelf.ready(ws, plan.version, &plan.manifest.root, f),
+            _ => node.shelf.gone(ws, plan.version, &plan.manifest.root),
         }
     }
     let (d, rows) = blocking(move || {
@@ -310,27 +310,61 @@ async fn download_full(
     Ok((d, rows))
 }
 
-/// The manifest unit of `plan` from peers into the cache's scratch directory, every group
-/// verified against the hash the gateway stated; `None` when no peer could give it.
+/// The manifest unit of `plan` (its stored frame) from peers, every group verified against the
+/// hash the gateway stated, then decompressed into the cache's scratch directory and checked
+/// against the stated hash of the file. Returns the manifest and the frame (an unlinked file,
+/// to serve); `None` when no peer could give it.
 async fn manifest_from_peers(
     node: &PeerNode,
     plan: &ColdPlan,
     cache: &ContentCache,
     sources: &mut Sources,
-) -> anyhow::Result<Option<Downloaded>> {
+) -> anyhow::Result<Option<(Downloaded, std::fs::File)>> {
     let t = Instant::now();
-    let file = scratch_file(cache).await?;
-    let (file, path) = file.into_parts();
-    let mut out = tokio::fs::File::from_std(file);
-    if !node.fetch_unit(plan, plan.manifest.0, &mut out).await {
+    let frame = {
+        let tmp = cache.tmp_dir();
+        blocking(move || {
+            std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+            tempfile::tempfile_in(&tmp).with_context(|| format!("cannot create a file in {}", tmp.display()))
+        })
+        .await?
+    };
+    let mut out = tokio::fs::File::from_std(frame);
+    let m = plan.manifest;
+    if !node.fetch_unit(plan, m.root, &mut out).await {
         return Ok(None);
     }
+    let frame = out.into_std().await;
+    let (file, path) = scratch_file(cache).await?.into_parts();
+    let decoded = blocking(move || {
+        use std::io::Seek;
+        let mut src = frame.try_clone()?;
+        src.rewind()?;
+        let sink = std::io::BufWriter::with_capacity(1 << 20, file);
+        podfs_protocol::frame::decompress_verified(
+            std::io::BufReader::with_capacity(1 << 20, src),
+            &m.file_hash,
+            m.file_size,
+            sink,
+        )
+        .context("the manifest from peers does not decompress to the stated file")?;
+        Ok(frame)
+    })
+    .await;
+    let frame = match decoded {
+        Ok(f) => f,
+        Err(e) => {
+            // verified against the gateway's root, so this is a bug or a broken disk, not a peer
+            tracing::warn!(error = %format!("{e:#}"), "cannot use the manifest from peers");
+            return Ok(None);
+        }
+    };
     sources.peers.files += 1;
-    sources.peers.bytes += plan.manifest.1;
-    sources.peers.transfer_bytes += plan.manifest.1;
+    sources.peers.bytes += m.file_size;
+    sources.peers.transfer_bytes += m.size;
     sources.peers.requests += 1;
     sources.peers.secs += t.elapsed().as_secs_f64();
-    Ok(Some(Downloaded { path, hash: plan.manifest.0, version: plan.version, ws: plan.ws.clone() }))
+    Ok(Some((Downloaded { path, hash: m.file_hash, version: plan.version, ws: plan.ws.clone() }, frame)))
 }
 
 /// A new file in the cache's scratch directory.
@@ -357,15 +391,35 @@ pub(super) async fn download(
     cache: &ContentCache,
     sources: &mut Sources,
 ) -> anyhow::Result<Downloaded> {
-    let file = scratch_file(cache).await?;
-    let (file, path) = file.into_parts();
-    let (_, d) = client
-        .download_manifest(ws, version, since, file)
+    Ok(download_framed(client, ws, version, since, cache, sources, false).await?.0)
+}
+
+/// [`download`], also keeping the transfer frame as received (an unlinked file) when
+/// `keep_frame`.
+async fn download_framed(
+    client: &Client,
+    ws: &str,
+    version: VersionRef,
+    since: Option<u64>,
+    cache: &ContentCache,
+    sources: &mut Sources,
+    keep_frame: bool,
+) -> anyhow::Result<(Downloaded, Option<std::fs::File>)> {
+    let (file, path) = scratch_file(cache).await?.into_parts();
+    let frame = match keep_frame {
+        true => {
+            let tmp = cache.tmp_dir();
+            Some(blocking(move || tempfile::tempfile_in(&tmp).context("cannot create a scratch file")).await?)
+        }
+        false => None,
+    };
+    let (_, frame, d) = client
+        .download_manifest_framed(ws, version, since, file, frame)
         .await
         .with_context(|| format!("cannot download the manifest of {ws}@{version}"))?;
     sources.manifest.requests += 1;
     sources.manifest.transfer_bytes += d.transfer_bytes;
-    Ok(Downloaded { path, hash: d.hash, version: d.version, ws: ws.to_string() })
+    Ok((Downloaded { path, hash: d.hash, version: d.version, ws: ws.to_string() }, frame))
 }
 
 /// Adds the manifest to the cache as a pack, marks what was used, trims the cache.
