@@ -11,7 +11,7 @@ use axum::extract::State;
 use podfs_protocol::api::{
     ErrorBody, PeerAnnounce, PeerAnnounced, PeerHolder, PeerPlan, PlanRequest, PlanUnit, Right, UnitKind,
 };
-use podfs_protocol::peer::{Capability, public_key};
+use podfs_protocol::peer::{Capability, public_key, valid_zone};
 use ring::signature::Ed25519KeyPair;
 
 use super::auth::Caller;
@@ -38,10 +38,7 @@ fn lease_ms(size: u64) -> i64 {
 }
 
 fn check_seat(zone: &str, address: &str) -> Result<()> {
-    let zone_ok = !zone.is_empty()
-        && zone.len() <= 64
-        && zone.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if !zone_ok {
+    if !valid_zone(zone) {
         return Err(Error::BadRequest(format!("invalid zone {zone:?}: 1-64 of [A-Za-z0-9._-]")));
     }
     match address.parse::<SocketAddr>() {

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bao_tree::io::fsm::{ResponseDecoder, ResponseDecoderNext};
@@ -88,19 +87,11 @@ pub struct Connector {
     identity: Arc<Identity>,
     conns: tokio::sync::Mutex<HashMap<PeerId, quinn::Connection>>,
     connect_timeout: Duration,
-    /// Verified bytes received, over every fetch.
-    pub bytes_received: AtomicU64,
 }
 
 impl Connector {
     pub fn new(endpoint: quinn::Endpoint, identity: Arc<Identity>, connect_timeout: Duration) -> Self {
-        Self {
-            endpoint,
-            identity,
-            conns: tokio::sync::Mutex::new(HashMap::new()),
-            connect_timeout,
-            bytes_received: AtomicU64::new(0),
-        }
+        Self { endpoint, identity, conns: tokio::sync::Mutex::new(HashMap::new()), connect_timeout }
     }
 
     async fn connection(&self, to: Source) -> Result<quinn::Connection, Failure> {
@@ -178,7 +169,6 @@ impl Connector {
                                     break Err(Failure::Local);
                                 }
                                 verified_to += buf.len() as u64;
-                                self.bytes_received.fetch_add(buf.len() as u64, Ordering::Relaxed);
                                 buf.clear();
                             }
                         }
@@ -202,7 +192,6 @@ impl Connector {
                 return Err(failed(Failure::Local, verified_to));
             }
             verified_to += buf.len() as u64;
-            self.bytes_received.fetch_add(buf.len() as u64, Ordering::Relaxed);
         }
         if out.flush().await.is_err() {
             return Err(failed(Failure::Local, want.offset));

@@ -135,10 +135,7 @@ fn peer_settings(
         bail!("--peer-advertise {advertise} is not an address peers can reach");
     }
     let zone = zone.unwrap_or_else(|| "default".to_string());
-    let zone_ok = !zone.is_empty()
-        && zone.len() <= 64
-        && zone.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if !zone_ok {
+    if !podfs_protocol::peer::valid_zone(&zone) {
         bail!("bad --zone {zone:?}: 1-64 of [A-Za-z0-9._-]");
     }
     Ok(Some(PeerSettings { listen, advertise, zone, hostile }))

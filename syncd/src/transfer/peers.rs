@@ -18,7 +18,7 @@ use anyhow::Context;
 use podfs_client::Client;
 use podfs_peer::{CapabilityKey, Connector, Failure, Hostile, Identity, Limits, ServeStats, Shelf, Source, Want};
 use podfs_protocol::ContentHash;
-use podfs_protocol::api::{BlobLocation, PeerAnnounce, PlanRequest, UnitKind};
+use podfs_protocol::api::{PeerAnnounce, PlanRequest, UnitKind};
 use podfs_protocol::peer::PeerId;
 use serde::Serialize;
 use tokio::io::AsyncSeekExt;
@@ -105,7 +105,8 @@ pub struct ColdPlan {
     pub ws: String,
     pub version: u64,
     capability: Vec<u8>,
-    pub units: HashMap<ContentHash, PlanUnitInfo>,
+    /// Every unit's length, by root.
+    pub units: HashMap<ContentHash, u64>,
     pub manifest: ManifestUnit,
     client: Client,
     routes: Mutex<Arc<Routes>>,
@@ -134,13 +135,6 @@ pub struct ManifestUnit {
     pub size: u64,
     pub file_hash: ContentHash,
     pub file_size: u64,
-}
-
-#[derive(Debug, Clone)]
-pub struct PlanUnitInfo {
-    pub size: u64,
-    pub kind: UnitKind,
-    pub location: Option<BlobLocation>,
 }
 
 fn routes(p: &podfs_protocol::api::PeerPlan, generation: u64) -> Routes {
@@ -273,11 +267,7 @@ impl PeerNode {
         self.shelf.offer(ws, p.version, p.units.iter().map(|u| (u.hash, u.size)));
         let r = routes(&p, 0);
         tracing::info!(version = p.version, holders = r.complete.len(), named = r.addresses.len(), "peer plan");
-        let units = p
-            .units
-            .into_iter()
-            .map(|u| (u.hash, PlanUnitInfo { size: u.size, kind: u.kind, location: u.location }))
-            .collect();
+        let units = p.units.into_iter().map(|u| (u.hash, u.size)).collect();
         Some(Arc::new(ColdPlan {
             ws: ws.to_string(),
             version: p.version,
@@ -312,9 +302,7 @@ impl PeerNode {
             }
             _ => {
                 // no tracker: the rest comes from S3; mark the routes tried
-                let mut r = Routes { generation: generation + 1, ..Routes::default() };
-                r.fetchers.clear();
-                *lock(&plan.routes) = Arc::new(r);
+                *lock(&plan.routes) = Arc::new(Routes { generation: generation + 1, ..Routes::default() });
             }
         }
     }
@@ -324,7 +312,7 @@ impl PeerNode {
     /// `out` holds then is to be discarded). When the sources of the plan fail, the tracker is
     /// asked once more (without them) before giving up.
     pub async fn fetch_unit(&self, plan: &ColdPlan, root: ContentHash, out: &mut tokio::fs::File) -> bool {
-        let Some(unit) = plan.units.get(&root) else { return false };
+        let Some(&size) = plan.units.get(&root) else { return false };
         let mut offset = 0u64;
         let mut tried = false;
         for round in 0..2 {
@@ -333,7 +321,7 @@ impl PeerNode {
             let fetcher = r.fetchers.get(&root).filter(|f| **f != self.id).and_then(|f| r.addresses.get(f));
             if let Some(f) = fetcher.filter(|f| !sources.iter().any(|(s, _)| s.peer == f.peer)) {
                 // it answers once it fetched the unit from S3: give it that long
-                sources.push((*f, fetch_time(unit.size)));
+                sources.push((*f, fetch_time(size)));
             }
             let mut failed_here = false;
             for (source, first_timeout) in sources {
@@ -344,7 +332,7 @@ impl PeerNode {
                     continue;
                 }
                 tried = true;
-                match self.try_source(plan, source, first_timeout, root, unit.size, &mut offset, out).await {
+                match self.try_source(plan, source, first_timeout, root, size, &mut offset, out).await {
                     Some(true) => return true,
                     Some(false) => {
                         failed_here = true;

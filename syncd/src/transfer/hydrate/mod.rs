@@ -321,15 +321,7 @@ async fn manifest_from_peers(
     sources: &mut Sources,
 ) -> anyhow::Result<Option<(Downloaded, std::fs::File)>> {
     let t = Instant::now();
-    let frame = {
-        let tmp = cache.tmp_dir();
-        blocking(move || {
-            std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-            tempfile::tempfile_in(&tmp).with_context(|| format!("cannot create a file in {}", tmp.display()))
-        })
-        .await?
-    };
-    let mut out = tokio::fs::File::from_std(frame);
+    let mut out = tokio::fs::File::from_std(scratch_frame(cache).await?);
     let m = plan.manifest;
     if !node.fetch_unit(plan, m.root, &mut out).await {
         return Ok(None);
@@ -365,6 +357,16 @@ async fn manifest_from_peers(
     sources.peers.requests += 1;
     sources.peers.secs += t.elapsed().as_secs_f64();
     Ok(Some((Downloaded { path, hash: m.file_hash, version: plan.version, ws: plan.ws.clone() }, frame)))
+}
+
+/// An unlinked file in the cache's scratch directory, for a manifest's frame.
+async fn scratch_frame(cache: &ContentCache) -> anyhow::Result<std::fs::File> {
+    let tmp = cache.tmp_dir();
+    blocking(move || {
+        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        tempfile::tempfile_in(&tmp).with_context(|| format!("cannot create a file in {}", tmp.display()))
+    })
+    .await
 }
 
 /// A new file in the cache's scratch directory.
@@ -407,10 +409,7 @@ async fn download_framed(
 ) -> anyhow::Result<(Downloaded, Option<std::fs::File>)> {
     let (file, path) = scratch_file(cache).await?.into_parts();
     let frame = match keep_frame {
-        true => {
-            let tmp = cache.tmp_dir();
-            Some(blocking(move || tempfile::tempfile_in(&tmp).context("cannot create a scratch file")).await?)
-        }
+        true => Some(scratch_frame(cache).await?),
         false => None,
     };
     let (_, frame, d) = client
